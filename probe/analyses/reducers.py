@@ -1,0 +1,251 @@
+"""Streaming reducers: per-layer statistics accumulated batch by batch.
+
+A reducer consumes one batch of attention probabilities of one layer, shape
+``(batch, heads, query, key)`` with ``key == query == num_tokens``, updates a fixed-size set of
+sums and drops the batch: memory is independent of the number of images.
+
+Definitions (per head; ``P`` patch tokens, ``A`` the attention row of a patch query ``q``,
+``A'`` its patch-key part renormalised to sum to one, Dosovitskiy et al. 2021, Fig. 7):
+
+* mean attention distance ``sum_k A'[q,k] * ||p_q - p_k||`` (patches or pixels),
+* prefix mass ``sum_{k < prefix} A[q,k]``,
+* entropy ``-sum_k A[q,k] ln A[q,k]`` over all keys, in nats (Zhai et al. 2023),
+* the quadratic-encoding sufficient statistics ``sum_k A'[q,k] * phi(delta_qk)`` with
+  ``phi = (d_row, d_col, d_row^2, d_col^2, d_row*d_col)``, ``delta = p_k - p_q`` in patches
+  (Cordonnier et al. 2020, Eq. 9, used by :mod:`probe.analyses.quadratic`),
+
+each averaged over the patch queries of an image. Per image these form a feature vector whose
+sum, sum of squares and Poisson-bootstrap replicate sums (Hanley & MacGibbon 2006) are kept,
+so standard errors and bootstrap intervals need no per-image storage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ProbeError
+from ..geometry import TokenGeometry
+
+#: Names of the per-image, per-head features, in the order of the last axis of the sums.
+FEATURES: tuple[str, ...] = (
+    "mean_distance_patches",
+    "mean_distance_px",
+    "entropy_nats",
+    "prefix_mass",
+    "phi_row",
+    "phi_col",
+    "phi_row2",
+    "phi_col2",
+    "phi_rowcol",
+)
+#: Slice of :data:`FEATURES` holding the quadratic-encoding sufficient statistics.
+PHI = slice(4, 9)
+
+
+def feature_tables(geometry: TokenGeometry) -> torch.Tensor:
+    """Per-(query, key) values whose attention-weighted sum gives the patch-key features.
+
+    Returns:
+        float64 tensor ``(P * P, 7)``: columns are the distance in patches, the distance in
+        pixels, and ``phi`` (5 columns) for each (query, key) pair of patch tokens, flattened
+        query-major. Divided by ``P`` so that a contraction with ``A'`` averages over queries.
+    """
+    off = geometry.offsets()
+    dr, dc = off[..., 0], off[..., 1]
+    cols = [
+        geometry.distances_patches(),
+        geometry.distances_pixels(),
+        dr,
+        dc,
+        dr * dr,
+        dc * dc,
+        dr * dc,
+    ]
+    table = torch.stack(cols, dim=-1).reshape(-1, len(cols))
+    return table / geometry.num_patches
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Accumulated statistics of one layer over ``n_images`` images.
+
+    Attributes:
+        layer: block index in the model.
+        geometry: the token geometry the attention was read with.
+        n_images: images accumulated.
+        attn_sum: float64 ``(heads, P, P)``, sum over images of the renormalised patch-to-patch
+            attention ``A'``.
+        feat_sum: float64 ``(heads, F)``, sum over images of the per-image features
+            (:data:`FEATURES`).
+        feat_sumsq: float64 ``(heads, F)``, sum over images of their squares.
+        boot_sum: float64 ``(R, heads, F)``, Poisson-bootstrap weighted sums.
+        boot_weight: float64 ``(R,)``, total Poisson weight of each replicate.
+    """
+
+    layer: int
+    geometry: TokenGeometry
+    n_images: int
+    attn_sum: torch.Tensor
+    feat_sum: torch.Tensor
+    feat_sumsq: torch.Tensor
+    boot_sum: torch.Tensor
+    boot_weight: torch.Tensor
+
+    @property
+    def num_heads(self) -> int:
+        """Number of heads of the layer."""
+        return int(self.attn_sum.shape[0])
+
+    @property
+    def mean_attn(self) -> torch.Tensor:
+        """Mean over images of ``A'``, float64 ``(heads, P, P)``; rows sum to one."""
+        return self.attn_sum / self.n_images
+
+    def feature(self, name: str) -> torch.Tensor:
+        """Mean over images of feature ``name`` (see :data:`FEATURES`), float64 ``(heads,)``."""
+        return self.feat_sum[:, FEATURES.index(name)] / self.n_images
+
+    def feature_se(self, name: str) -> torch.Tensor:
+        """Standard error over images of the mean of feature ``name``, float64 ``(heads,)``.
+
+        ``sqrt(var / n)`` with the unbiased per-image variance; NaN for a single image.
+        """
+        i = FEATURES.index(name)
+        n = self.n_images
+        if n < 2:
+            return torch.full((self.num_heads,), float("nan"), dtype=torch.float64)
+        mean = self.feat_sum[:, i] / n
+        var = (self.feat_sumsq[:, i] - n * mean * mean).clamp_min(0) / (n - 1)
+        return (var / n).sqrt()
+
+    @property
+    def phi_mean(self) -> torch.Tensor:
+        """Quadratic-encoding sufficient statistics, float64 ``(heads, 5)``.
+
+        Mean over images and patch queries of ``sum_k A'[q,k] phi(delta_qk)`` with
+        ``phi = (d_row, d_col, d_row^2, d_col^2, d_row*d_col)`` in patches.
+        """
+        return self.feat_sum[:, PHI] / self.n_images
+
+    @property
+    def phi_bootstrap(self) -> torch.Tensor:
+        """Poisson-bootstrap replicates of :attr:`phi_mean`, float64 ``(R, heads, 5)``."""
+        return self.boot_sum[:, :, PHI] / self.boot_weight.clamp_min(1e-12)[:, None, None]
+
+    def center_map(self, query: int | None = None) -> torch.Tensor:
+        """Mean attention map of one patch query over the patch grid.
+
+        Args:
+            query: patch index (row-major); default the central patch.
+
+        Returns:
+            float64 ``(heads, rows, cols)``: the mean renormalised attention ``A'[query, :]``.
+        """
+        q = self.geometry.center_patch if query is None else query
+        rows, cols = self.geometry.grid
+        return self.mean_attn[:, q, :].reshape(self.num_heads, rows, cols)
+
+
+class LayerReducer:
+    """Streaming accumulator of :class:`LayerStats` for one layer.
+
+    Args:
+        layer: block index (for labelling).
+        geometry: token geometry of the attention tensors it will receive.
+        n_bootstrap: number of Poisson-bootstrap replicates (0 disables them).
+        seed: seed of the bootstrap weights.
+
+    Call :meth:`update` with each batch's attention probabilities, then :meth:`result`.
+    """
+
+    def __init__(
+        self, layer: int, geometry: TokenGeometry, n_bootstrap: int = 100, seed: int = 0
+    ) -> None:
+        self.layer = layer
+        self.geometry = geometry
+        self.n_bootstrap = n_bootstrap
+        self._gen = torch.Generator().manual_seed(seed * 1_000_003 + layer)
+        self._tables: dict[torch.device, torch.Tensor] = {}
+        self.n_images = 0
+        self.attn_sum: torch.Tensor | None = None
+        self.feat_sum: torch.Tensor | None = None
+        self.feat_sumsq: torch.Tensor | None = None
+        self.boot_sum: torch.Tensor | None = None
+        self.boot_weight = torch.zeros(n_bootstrap, dtype=torch.float64)
+
+    def _table(self, device: torch.device) -> torch.Tensor:
+        if device not in self._tables:
+            self._tables[device] = feature_tables(self.geometry).to(device, torch.float32)
+        return self._tables[device]
+
+    @torch.no_grad()
+    def update(self, attn: torch.Tensor) -> None:
+        """Accumulate one batch.
+
+        Args:
+            attn: attention probabilities ``(batch, heads, tokens, tokens)``, rows summing to 1,
+                on any device and floating dtype.
+
+        Raises:
+            ProbeError: if the shape does not match the geometry or the head count changes.
+        """
+        if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
+            raise ProbeError(
+                f"layer {self.layer}: expected attention (batch, heads, tokens, tokens), "
+                f"got shape {tuple(attn.shape)}"
+            )
+        g = self.geometry
+        g.check_tokens(attn.shape[-1], where=f"layer {self.layer} attention")
+        a = attn.float()
+        b, h = a.shape[:2]
+        n_pre = g.num_prefix_tokens
+        rows = a[:, :, n_pre:, :]  # patch queries, all keys
+        patch = rows[..., n_pre:]  # (b, h, P, P)
+        patch_mass = patch.sum(-1, keepdim=True)
+        a_prime = patch / patch_mass.clamp_min(1e-30)
+
+        feats = torch.empty(b, h, len(FEATURES), device=a.device, dtype=torch.float32)
+        feats[..., [0, 1, 4, 5, 6, 7, 8]] = (a_prime.reshape(b * h, -1) @ self._table(a.device)).reshape(b, h, -1)
+        feats[..., 2] = -torch.special.xlogy(rows, rows).sum(-1).mean(-1)
+        feats[..., 3] = 1.0 - patch_mass.squeeze(-1).mean(-1)
+        feats64 = feats.double().cpu()
+        attn_batch = a_prime.sum(0).double().cpu()
+
+        if self.attn_sum is None:
+            self.attn_sum = torch.zeros_like(attn_batch)
+            self.feat_sum = torch.zeros(h, len(FEATURES), dtype=torch.float64)
+            self.feat_sumsq = torch.zeros_like(self.feat_sum)
+            self.boot_sum = torch.zeros(self.n_bootstrap, h, len(FEATURES), dtype=torch.float64)
+        elif self.attn_sum.shape[0] != h:
+            raise ProbeError(
+                f"layer {self.layer}: head count changed from {self.attn_sum.shape[0]} to {h}"
+            )
+        self.attn_sum += attn_batch
+        self.feat_sum += feats64.sum(0)
+        self.feat_sumsq += feats64.pow(2).sum(0)
+        if self.n_bootstrap:
+            w = torch.poisson(torch.ones(self.n_bootstrap, b, dtype=torch.float64), self._gen)
+            self.boot_sum += torch.einsum("rb,bhf->rhf", w, feats64)
+            self.boot_weight += w.sum(1)
+        self.n_images += b
+
+    def result(self) -> LayerStats:
+        """The accumulated statistics.
+
+        Raises:
+            ProbeError: if no batch was accumulated.
+        """
+        if self.attn_sum is None:
+            raise ProbeError(f"layer {self.layer}: no attention was accumulated")
+        return LayerStats(
+            layer=self.layer,
+            geometry=self.geometry,
+            n_images=self.n_images,
+            attn_sum=self.attn_sum.clone(),
+            feat_sum=self.feat_sum.clone(),
+            feat_sumsq=self.feat_sumsq.clone(),
+            boot_sum=self.boot_sum.clone(),
+            boot_weight=self.boot_weight.clone(),
+        )
