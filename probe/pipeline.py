@@ -15,7 +15,7 @@ from torch import nn
 from . import __version__
 from .analyses.reducers import LayerReducer
 from .capture import AttentionCapture, find_attention_layers, infer_geometry, parse_layers
-from .data import ImageSet, collect_images, eval_transform, iter_batches
+from .data import ImageSet, TensorImages, collect_images, eval_transform, iter_batches
 from .errors import CaptureError, ProbeError
 from .models import ResolvedModel, resolve_model
 from .result import AnalysisResult
@@ -43,7 +43,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def analyze(
     model: str | nn.Module | ResolvedModel,
-    images: str | Path | Sequence[Any] | ImageSet | None = None,
+    images: str | Path | Sequence[Any] | ImageSet | TensorImages | torch.Tensor | None = None,
     *,
     layers: str | Sequence[int] | None = "all",
     weights: str | Path | None = None,
@@ -66,7 +66,9 @@ def analyze(
         model: timm name or alias, ``package.module:factory``, an ``nn.Module`` or a
             :class:`~probe.models.ResolvedModel`.
         images: folder / file / glob / list of paths or PIL images; ``None`` uses the embedded
-            scikit-learn sample photos.
+            scikit-learn sample photos; or images already transformed to model input: a float
+            tensor ``(N, C, H, W)`` (the first ``num_images`` are used) or a
+            :class:`~probe.data.TensorImages` stream.
         layers: ``"all"``, ``"0-4"``, ``"0,2,5"`` or a list of layer indices.
         weights: local checkpoint (safetensors or weights-only torch file).
         random_init: analyse random weights (explicit opt-in).
@@ -95,7 +97,12 @@ def analyze(
         model, weights=weights, random_init=random_init, seed=seed
     )
     net = resolved.model.to(dev).eval()
-    image_set = images if isinstance(images, ImageSet) else collect_images(images, num_images, seed)
+    if isinstance(images, torch.Tensor):
+        image_set: ImageSet | TensorImages = TensorImages(images[:num_images] if num_images else images)
+    elif isinstance(images, (ImageSet, TensorImages)):
+        image_set = images
+    else:
+        image_set = collect_images(images, num_images, seed)
 
     all_layers = find_attention_layers(net)
     if not all_layers:
@@ -108,6 +115,12 @@ def analyze(
     transform, data_cfg = eval_transform(net, data_overrides)
     input_shape = tuple(int(v) for v in data_cfg["input_size"])
     mode = "L" if input_shape[0] == 1 else "RGB"
+    if isinstance(image_set, TensorImages) and image_set.image_shape != input_shape:
+        raise ProbeError(
+            f"the image tensor holds {image_set.image_shape} images but {resolved.name} takes "
+            f"{input_shape}; transform them with probe.data.eval_transform(model) or set "
+            "data_overrides={'input_size': ...}"
+        )
     geometry = infer_geometry(net, selected[0], input_shape, prefix_tokens, grid, patch_size)
 
     reducers = {l.index: LayerReducer(l.index, geometry, n_bootstrap, seed) for l in selected}
@@ -121,7 +134,11 @@ def analyze(
     names: list[str] = []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (amp and dev.type == "cuda") else None
     with capture, torch.no_grad():
-        for batch, batch_names in iter_batches(image_set, transform, batch_size, mode):
+        if isinstance(image_set, TensorImages):
+            batches = image_set.batches(batch_size)
+        else:
+            batches = iter_batches(image_set, transform, batch_size, mode)
+        for batch, batch_names in batches:
             batch = batch.to(dev, non_blocking=True)
             if autocast is not None:
                 with autocast:
