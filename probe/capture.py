@@ -310,8 +310,12 @@ def infer_geometry(
     num_prefix_tokens: int | None = None,
     grid: tuple[int, int] | None = None,
     patch_size: float | tuple[float, float] | None = None,
+    num_tokens: int | None = None,
 ) -> "TokenGeometry":
     """The token geometry of ``layer`` for inputs of shape ``input_shape`` ``(C, H, W)``.
+
+    ``num_tokens`` is the layer's token count when already known (e.g. read off the first
+    captured batch); otherwise one forward pass on a zero image measures it.
 
     Prefix tokens come from ``num_prefix_tokens``, else the model's own ``num_prefix_tokens``
     (timm), else the smallest count (0..16) that leaves a patch grid tiling the image. The grid
@@ -326,7 +330,7 @@ def infer_geometry(
     from .geometry import TokenGeometry
 
     _, height, width = input_shape
-    _, tokens = count_tokens(model, layer, input_shape)
+    tokens = num_tokens if num_tokens is not None else count_tokens(model, layer, input_shape)[1]
     prefix = num_prefix_tokens
     if prefix is None:
         prefix = getattr(model, "num_prefix_tokens", None)

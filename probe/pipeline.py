@@ -17,6 +17,7 @@ from .analyses.reducers import LayerReducer
 from .capture import AttentionCapture, find_attention_layers, infer_geometry, parse_layers
 from .data import ImageSet, TensorImages, collect_images, eval_transform, iter_batches
 from .errors import CaptureError, ProbeError
+from .geometry import TokenGeometry
 from .models import ResolvedModel, resolve_model
 from .result import AnalysisResult
 from .tables import heads_frame, layers_frame
@@ -121,12 +122,20 @@ def analyze(
             f"{input_shape}; transform them with probe.data.eval_transform(model) or set "
             "data_overrides={'input_size': ...}"
         )
-    geometry = infer_geometry(net, selected[0], input_shape, prefix_tokens, grid, patch_size)
-
-    reducers = {l.index: LayerReducer(l.index, geometry, n_bootstrap, seed) for l in selected}
+    # The geometry is read off the first captured attention tensor (no extra forward pass); the
+    # reducers are created then, and every later tensor is checked against it.
+    by_index = {l.index: l for l in selected}
+    reducers: dict[int, LayerReducer] = {}
+    found: list[TokenGeometry] = []
 
     def sink(index: int, attn: torch.Tensor) -> None:
-        reducers[index].update(attn)
+        reducer = reducers.get(index)
+        if reducer is None:
+            if not found:
+                found.append(infer_geometry(net, by_index[index], input_shape, prefix_tokens, grid,
+                                            patch_size, num_tokens=int(attn.shape[-1])))
+            reducer = reducers[index] = LayerReducer(index, found[0], n_bootstrap, seed)
+        reducer.update(attn)
 
     capture = AttentionCapture(selected, sink)
     total = len(image_set)
@@ -152,6 +161,7 @@ def analyze(
             if progress is not None:
                 progress(done + len(image_set.skipped), total)
 
+    geometry = found[0]
     stats = [reducers[l.index].result() for l in selected]
     heads = heads_frame(stats)
     layer_table = layers_frame(heads, stats)
