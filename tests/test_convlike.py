@@ -321,3 +321,21 @@ def test_plot_convlike(tmp_path):
     assert (tmp_path / "convlike.png").stat().st_size > 1000
     with pytest.raises(ProbeError):
         plot_convlike(object())
+
+
+def test_jitter_null_and_model_pool_options():
+    lat = kernel_lattice(3)
+    rng = np.random.default_rng(6)
+    fits = {
+        0: LayerFit(lat + rng.normal(0, 0.03, (9, 2)), np.full(9, 30.0)),
+        1: LayerFit(rng.uniform(-1.5, 1.5, (9, 2)), np.full(9, 30.0)),
+        2: LayerFit(rng.normal(0, 0.2, (9, 2)), np.full(9, 1e-3)),
+    }
+    jit = convlike_test(fits, config=ConvLikeConfig(n_null=1999, null="jitter")).layers
+    assert jit.conv_verdict.tolist() == ["conv-like", "local but not grid", "non-local"]
+    # pooling alphas over the model lowers the null of a fully local layer (fewer local heads
+    # in the null), so its p-value can only drop: the reason "layer" is the default
+    lay = convlike_test(fits, config=ConvLikeConfig(n_null=1999)).layers
+    mod = convlike_test(fits, config=ConvLikeConfig(n_null=1999, alpha_pool="model")).layers
+    assert mod.conv_null_mean[1] < lay.conv_null_mean[1]
+    assert mod.conv_p_value[1] <= lay.conv_p_value[1]
