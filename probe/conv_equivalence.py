@@ -42,11 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .capture import CaptureRule, Emit, Restore, register_rule, rules
 from .errors import ProbeError
 from .geometry import TokenGeometry
 
 __all__ = [
     "QuadraticMHSA",
+    "QuadraticMHSARule",
     "attention_from_conv",
     "conv_kernel_offsets",
     "conv_equivalent_vit",
@@ -147,6 +149,21 @@ class QuadraticMHSA(nn.Module):
         self.fused_attn = False
         self.store_attention = False
         self.last_attention: torch.Tensor | None = None
+
+    #: Centre spread (patches) and sharpness (1/patch^2) of :meth:`reset_parameters`.
+    INIT_DELTA_STD = 1.0
+    INIT_ALPHA = 0.1
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Random initialisation: ``Delta ~ N(0, 1)`` patches per axis, ``alpha = 0.1`` per
+        patch^2 (90 % of the mass within 4.8 patches: untrained and non-local), ``value`` and
+        ``proj`` with ``nn.Linear``'s default init. probe's convention for the "same
+        architecture at random initialisation" null; uses the global torch RNG."""
+        self.delta.normal_(0.0, self.INIT_DELTA_STD)
+        self.alpha.fill_(self.INIT_ALPHA)
+        self.value.reset_parameters()
+        self.proj.reset_parameters()
 
     def extra_repr(self) -> str:
         return (
@@ -271,6 +288,24 @@ class QuadraticMHSA(nn.Module):
         if x.dim() == 4:
             out = out.transpose(1, 2).reshape(b, self.out_channels, g[0], g[1])
         return (out, attn) if return_attention else out
+
+
+class QuadraticMHSARule(CaptureRule):
+    """Capture rule for :class:`QuadraticMHSA`: a forward hook on its ``attn_drop`` receives the
+    attention probabilities ``(B, H, T, T)``. Registered (first) when this module is imported."""
+
+    name = "quadratic-mhsa"
+
+    def matches(self, module: nn.Module) -> bool:
+        return isinstance(module, QuadraticMHSA)
+
+    def install(self, module: nn.Module, emit: Emit) -> Restore:
+        handle = module.attn_drop.register_forward_hook(lambda m, inp, out: emit(out))
+        return handle.remove
+
+
+if not any(isinstance(r, QuadraticMHSARule) for r in rules()):
+    register_rule(QuadraticMHSARule())
 
 
 def conv_kernel_offsets(conv: nn.Conv2d) -> torch.Tensor:
@@ -461,7 +496,10 @@ def conv_equivalent_vit(
     It is the planted ground truth of the conv-likeness test (:mod:`probe.analyses.convlike`):
     layers ``< conv_layers`` are conv-like, the others non-local. All attention modules call
     ``attn_drop`` on their probabilities ``(B, H, T, T)``, ``T = 1 + (img_size/patch_size)^2``.
-    The model also carries ``planted = {"conv_layers": [...], "kernel_size": K, "alpha": alpha}``.
+    The model also carries ``planted = {"conv_layers": [...], "kernel_size": K, "alpha": alpha}``
+    and a timm-style ``pretrained_cfg`` (input size, ImageNet mean/std) for probe's eval
+    transform; :class:`QuadraticMHSARule` lets ``probe.analyze`` capture it, and
+    :meth:`QuadraticMHSA.reset_parameters` gives the random-initialisation null.
 
     Args:
         depth: number of blocks; conv_layers: how many leading blocks are conv equivalents.
@@ -520,6 +558,16 @@ def conv_equivalent_vit(
             else:
                 continue
             model.blocks[i].attn = attn
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    model.pretrained_cfg = {
+        "input_size": (3, img_size, img_size),
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "interpolation": "bicubic",
+        "crop_pct": 1.0,
+        "num_classes": num_classes,
+    }
     model.planted = {
         "conv_layers": list(range(conv_layers)),
         "kernel_size": kernel_size,

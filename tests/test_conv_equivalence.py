@@ -178,3 +178,16 @@ def test_conv_equivalent_vit_block_attention_equals_conv():
         y = attn(tokens)[:, 1:].transpose(1, 2).reshape(2, 12, 8, 8)
         ref = conv(tokens[:, 1:].transpose(1, 2).reshape(2, 12, 8, 8))
     assert (y - ref)[..., 1:-1, 1:-1].abs().max() < 1e-5
+
+
+def test_reset_parameters_gives_untrained_non_local_heads():
+    layer = attention_from_conv(_conv(padding=1), alpha=30.0)
+    torch.manual_seed(0)
+    layer.reset_parameters()
+    assert torch.all(layer.alpha == QuadraticMHSA.INIT_ALPHA)
+    offs = conv_kernel_offsets(_conv(padding=1)).double()
+    assert not torch.allclose(layer.delta, offs)
+    assert 0.5 < layer.delta.std().item() < 1.5
+    # alpha = 0.1: the head's best key holds little mass on a 9x9 grid
+    a = layer.attention_probabilities((9, 9))
+    assert a.max() < 0.2

@@ -339,3 +339,40 @@ def test_jitter_null_and_model_pool_options():
     mod = convlike_test(fits, config=ConvLikeConfig(n_null=1999, alpha_pool="model")).layers
     assert mod.conv_null_mean[1] < lay.conv_null_mean[1]
     assert mod.conv_p_value[1] <= lay.conv_p_value[1]
+
+
+def _fit_from_phi(stats) -> LayerFit:
+    """Oracle fit from the reducer's quadratic-encoding moments (Cordonnier et al. Eq. 9):
+    Delta = E[delta], alpha = 1 / E||delta - Delta||^2 (2-D Gaussian, sigma^2 = 1/(2 alpha))."""
+    phi = stats.phi_mean.numpy()
+    delta = phi[:, :2]
+    var = phi[:, 2] - delta[:, 0] ** 2 + phi[:, 3] - delta[:, 1] ** 2
+    return LayerFit(delta, 1.0 / np.clip(var, 1e-12, None))
+
+
+def test_planted_vit_through_pipeline_with_random_init_null():
+    from PIL import Image
+
+    from probe.conv_equivalence import conv_equivalent_vit
+    from probe.models import resolve_model
+    from probe.pipeline import analyze
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(2)]
+    resolved = resolve_model(conv_equivalent_vit(depth=5, conv_layers=2, embed_dim=24))
+    res = analyze(resolved, images, n_bootstrap=0)
+    assert res.meta["capture_rule"] == ["quadratic-mhsa"]
+    fits = {l: _fit_from_phi(s) for l, s in res.stats.items()}
+    random_init = {l: [] for l in fits}
+    for seed in range(3):
+        ri = analyze(resolve_model(resolved.random_init(seed)), images, n_bootstrap=0)
+        for l, s in ri.stats.items():
+            f = _fit_from_phi(s)
+            random_init[l].append(convlike_score(f.delta, f.alpha))
+    out = convlike_test(fits, random_init=random_init, config=FAST)
+    t = out.layers.set_index("layer")
+    assert t.loc[[0, 1], "conv_verdict"].tolist() == ["conv-like", "conv-like"]
+    assert (t.loc[[0, 1], "conv_p_holm"] < 0.01).all()
+    assert (t.loc[[0, 1], "conv_random_init_max"] < 0.5).all()
+    assert (t.loc[[2, 3, 4], "conv_verdict"] == "non-local").all()
+    assert out.deepest_conv_layer == 1
