@@ -256,7 +256,8 @@ def resolve_model(
     """Build or wrap a model and load its weights.
 
     Args:
-        model: a timm name or alias, ``package.module:factory``, or an ``nn.Module``.
+        model: a timm name or alias, ``package.module:factory``, an ``nn.Module``, or a Hugging
+            Face model: ``hf:FOLDER`` / ``hf:ORG/NAME`` (see :mod:`probe.families.hf`).
         weights: a local checkpoint file (see :func:`load_state_dict`).
         random_init: analyse random weights; must be explicit, never a silent fallback.
         seed: seed of the random initialisation.
@@ -270,6 +271,10 @@ def resolve_model(
     """
     if weights is not None and random_init:
         raise ProbeError("--weights and --random-init exclude each other; pass one")
+    from .families import hf
+
+    if hf.handles(model):  # hf:FOLDER, hf:ORG/NAME, a transformers folder or model
+        return hf.resolve_hf(model, weights=weights, random_init=random_init, seed=seed)
     if isinstance(model, nn.Module):
         name = type(model).__name__
         source = "as given (in-memory module)"
