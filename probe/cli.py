@@ -55,7 +55,7 @@ def _safe_name(name: str) -> str:
 
 @app.command()
 def analyze(
-    model: str = typer.Option(..., "--model", "-m", help="timm name or alias (vit_small, deit_tiny, ...) or package.module:factory"),
+    model: str = typer.Option(..., "--model", "-m", help="timm name or alias (vit_small, deit_tiny, ...), package.module:factory, or hf:FOLDER / hf:ORG/NAME (Hugging Face)"),
     weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="local checkpoint: .safetensors, or .pth/.pt read with weights_only=True"),
     random_init: bool = typer.Option(False, "--random-init", help="analyse untrained weights (explicit opt-in)"),
     images: Optional[str] = typer.Option(None, "--images", "-i", help="folder, file or glob; default: scikit-learn's two sample photos"),

@@ -101,7 +101,7 @@ def analyze(
     if not all_layers:
         raise CaptureError(
             f"{resolved.name}: no attention module that probe can capture was found "
-            f"(looked for: timm attention, and registered rules); register a capture rule "
+            f"(looked for: timm attention, Hugging Face ViT/DeiT/DINOv2, and registered rules); register a capture rule "
             "(see probe.capture) or pass a supported model"
         )
     selected = [all_layers[i] for i in parse_layers(layers, len(all_layers))]
@@ -171,10 +171,17 @@ def analyze(
 def _versions() -> dict[str, str]:
     import timm
 
-    return {
+    out = {
         "probe": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "timm": timm.__version__,
         "platform": platform.platform(),
     }
+    try:
+        import transformers
+
+        out["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return out
