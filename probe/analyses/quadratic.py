@@ -794,3 +794,45 @@ def fit_quadratic_attention(
         reducer.update(batch)
     return fit_layer_stats(reducer.result(), bootstrap=n_bootstrap >= 2,
                            anisotropic=anisotropic, se_method=se_method)
+
+
+def empirical_mass_radius(mean_attn, geometry: TokenGeometry, centre=None, mass: float = 0.9) -> np.ndarray:
+    """Model-free locality: the radius around a head's centre holding ``mass`` of its attention.
+
+    With the offset profile ``π(δ)`` of :func:`offset_profile` (the distribution of the offset to
+    the attended key for a uniformly drawn patch query), the radius is the smallest
+    ``r = ‖δ − c‖`` over grid offsets such that ``Σ_{‖δ − c‖ ≤ r} π(δ) ≥ mass``. Unlike the
+    Gaussian radii of :class:`QuadraticFit`, it does not assume the head's profile is Gaussian,
+    so a peaked head with a long tail is measured by where its mass actually lies.
+
+    Args:
+        mean_attn: ``(heads, P, P)`` renormalised patch attention.
+        geometry: token geometry.
+        centre: ``(heads, 2)`` centres ``c`` in patches (e.g. the fitted Δ); NaN or None -> the
+            query itself ``(0, 0)``.
+        mass: fraction of the attention, in ``(0, 1)``.
+
+    Returns:
+        float64 ``(heads,)`` radii in patches.
+
+    Raises:
+        ProbeError: unless ``0 < mass < 1``, or on mismatched shapes.
+    """
+    if not 0.0 < mass < 1.0:
+        raise ProbeError(f"mass must lie in (0, 1), got {mass}")
+    prof = offset_profile(mean_attn, geometry).numpy()
+    heads = prof.shape[0]
+    rows, cols = geometry.grid
+    dr, dc = np.meshgrid(np.arange(-(rows - 1), rows), np.arange(-(cols - 1), cols), indexing="ij")
+    c = np.zeros((heads, 2)) if centre is None else np.asarray(centre, dtype=np.float64)
+    if c.shape != (heads, 2):
+        raise ProbeError(f"centre must have shape ({heads}, 2), got {c.shape}")
+    c = np.where(np.isfinite(c), c, 0.0)
+    out = np.empty(heads)
+    for h in range(heads):
+        dist = np.hypot(dr - c[h, 0], dc - c[h, 1]).ravel()
+        order = np.argsort(dist, kind="stable")
+        cum = np.cumsum(prof[h].ravel()[order])
+        idx = min(int(np.searchsorted(cum, mass * cum[-1] - 1e-12)), len(order) - 1)
+        out[h] = dist[order][idx]
+    return out
