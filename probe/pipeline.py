@@ -19,7 +19,9 @@ from .data import ImageSet, TensorImages, collect_images, eval_transform, iter_b
 from .errors import CaptureError, ProbeError
 from .geometry import TokenGeometry
 from .models import ResolvedModel, resolve_model
+from .analyses.convlike import ConvLikeConfig
 from .result import AnalysisResult
+from .steps import add_conv_test, add_quadratic_fits, layer_scores
 from .tables import heads_frame, layers_frame
 
 Progress = Callable[[int, int], None]
@@ -60,6 +62,12 @@ def analyze(
     patch_size: float | None = None,
     data_overrides: dict[str, Any] | None = None,
     progress: Progress | None = None,
+    fits: bool = True,
+    anisotropic: bool = False,
+    conv_test: bool = True,
+    conv_config: ConvLikeConfig | None = None,
+    null_seeds: int = 3,
+    null_images: int = 8,
 ) -> AnalysisResult:
     """Analyse the attention heads of ``model`` on ``images``.
 
@@ -82,6 +90,14 @@ def analyze(
         prefix_tokens, grid, patch_size: override the inferred token geometry.
         data_overrides: timm data-config values (``input_size``, ``mean``, ``std``, ...).
         progress: ``progress(images_done, images_total)`` after each batch.
+        fits: fit the quadratic-encoding Δ and α of every head (:mod:`probe.analyses.quadratic`).
+        anisotropic: also fit the full 2x2 covariance form.
+        conv_test: test whether layers act like convolutions (:mod:`probe.analyses.convlike`;
+            needs ``fits``).
+        conv_config: thresholds of that test (default :class:`ConvLikeConfig`).
+        null_seeds: random-init copies of the architecture for the test's null (a); skipped
+            when the analysed weights are themselves a random init.
+        null_images: images (the first of the analysed ones) each random-init copy sees.
 
     Returns:
         An :class:`~probe.result.AnalysisResult` (``heads`` / ``layers`` DataFrames,
@@ -109,7 +125,7 @@ def analyze(
     if not all_layers:
         raise CaptureError(
             f"{resolved.name}: no attention module that probe can capture was found "
-            f"(looked for: timm attention, and registered rules); register a capture rule "
+            f"(looked for: timm attention, Hugging Face ViT/DeiT/DINOv2, and registered rules); register a capture rule "
             "(see probe.capture) or pass a supported model"
         )
     selected = [all_layers[i] for i in parse_layers(layers, len(all_layers))]
@@ -191,17 +207,67 @@ def analyze(
         "versions": _versions(),
         "runtime_s": time.perf_counter() - t0,
     }
-    return AnalysisResult(heads=heads, layers=layer_table, stats={s.layer: s for s in stats},
-                          geometry=geometry, meta=meta)
+    result = AnalysisResult(heads=heads, layers=layer_table, stats={s.layer: s for s in stats},
+                            geometry=geometry, meta=meta)
+    if fits or conv_test:
+        add_quadratic_fits(result, anisotropic=anisotropic)
+    if conv_test:
+        cfg = conv_config or ConvLikeConfig(seed=seed)
+        null = {}
+        if null_seeds > 0 and not resolved.weights.startswith("random init"):
+            null = _random_init_scores(
+                resolved, image_set, [l.index for l in selected], cfg, null_seeds, null_images,
+                batch_size=batch_size, device=device, seed=seed, prefix_tokens=prefix_tokens,
+                grid=grid, patch_size=patch_size, data_overrides=data_overrides)
+        add_conv_test(result, cfg, null)
+        meta["conv_null_seeds"] = len(next(iter(null.values()), []))
+        meta["conv_null_images"] = min(null_images, done) if null else 0
+    meta["runtime_s"] = time.perf_counter() - t0
+    return result
+
+
+def _random_init_scores(resolved: ResolvedModel, image_set: ImageSet | TensorImages, layers: list[int],
+                        config: ConvLikeConfig, n_seeds: int, n_images: int, **kw) -> dict[int, list[float]]:
+    """Conv-likeness scores of random-init copies of the architecture (null (a) of the test).
+
+    Each copy (seeds ``1000 + seed + i``) is analysed on the first ``n_images`` images with the
+    same layers, geometry options and fits; returns ``{layer: [score per seed]}``.
+    """
+    if isinstance(image_set, TensorImages):
+        def subset_images() -> TensorImages:
+            return TensorImages(image_set.pool, min(max(1, n_images), len(image_set)), image_set.description)
+    else:
+        subset = ImageSet(list(image_set.items[:max(1, n_images)]), image_set.description)
+
+        def subset_images() -> ImageSet:
+            return ImageSet(list(subset.items), subset.description)
+    scores: dict[int, list[float]] = {l: [] for l in layers}
+    base = 1000 + kw["seed"]
+    for i in range(n_seeds):
+        net = resolved.random_init(base + i)
+        twin = ResolvedModel(net, resolved.name, f"random init (seed {base + i})",
+                             resolved.num_params, resolved.pretrained_cfg, resolved.rebuild)
+        res = analyze(twin, subset_images(), layers=layers,
+                      n_bootstrap=0, conv_test=False, fits=True, **kw)
+        for layer, s in layer_scores(res.heads, config).items():
+            scores[layer].append(s)
+    return scores
 
 
 def _versions() -> dict[str, str]:
     import timm
 
-    return {
+    out = {
         "probe": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "timm": timm.__version__,
         "platform": platform.platform(),
     }
+    try:
+        import transformers
+
+        out["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return out

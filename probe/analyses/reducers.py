@@ -245,7 +245,7 @@ class LayerReducer:
         # (b*h, P*P) @ (P*P, 7), the table already divided by P (mean over patch queries).
         patch_mass = patch.sum(-1, keepdim=True)
         a_prime = patch / patch_mass.clamp_min(1e-30)
-        feats[..., 3] = 1.0 - patch_mass.view(b, h, p).mean(-1)
+        feats[..., 3] = rows[..., :n_pre].sum(-1).mean(-1)  # prefix mass, read directly
         tab = (a_prime.reshape(b * h, p * p) @ self._table(a.device)).view(b, h, -1)
         feats[..., 0:2] = tab[..., 0:2]
         feats[..., 4:] = tab[..., 2:]
