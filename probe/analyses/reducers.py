@@ -187,8 +187,11 @@ class LayerReducer:
         self.boot_weight = torch.zeros(n_bootstrap, dtype=torch.float64)
 
     def _table(self, device: torch.device) -> torch.Tensor:
+        """The feature table per query, float32 ``(P, P, 7)`` on ``device`` (not divided by P)."""
         if device not in self._tables:
-            self._tables[device] = feature_tables(self.geometry).to(device, torch.float32)
+            p = self.geometry.num_patches
+            per_query = (feature_tables(self.geometry) * p).reshape(p, p, -1)
+            self._tables[device] = per_query.to(device, torch.float32)
         return self._tables[device]
 
     def _init_sums(self, heads: int, device: torch.device) -> None:
@@ -234,25 +237,25 @@ class LayerReducer:
         rows = a[:, :, n_pre:, :]  # patch queries, all keys: one contiguous block per (image, head)
         patch = rows[..., n_pre:] if n_pre else rows  # (b, h, P, P)
 
-        feats = torch.empty(b, h, len(FEATURES), device=a.device, dtype=torch.float32)
+        feats64 = torch.empty(b, h, len(FEATURES), device=a.device, dtype=torch.float64)
         # Entropy: -sum p ln p over all keys of the patch queries, in one temporary. Clamping
         # before the log makes p = 0 contribute 0 * ln(tiny) = 0 (the limit), as xlogy does.
         plogp = rows.clamp_min(_TINY)
         plogp.log_().mul_(rows)
-        feats[..., 2] = plogp.view(b, h, -1).sum(-1).mul_(-1.0 / p)
+        feats64[..., 2] = plogp.view(b, h, -1).sum(-1).mul_(-1.0 / p)
         del plogp
-        # Renormalised patch attention A' (contiguous), then every patch-key feature at once:
-        # (b*h, P*P) @ (P*P, 7), the table already divided by P (mean over patch queries).
+        feats64[..., 3] = rows[..., :n_pre].sum(-1).mean(-1)  # prefix mass, read directly
+        # Renormalised patch attention A' (contiguous), then every patch-key feature at once: for
+        # each patch query q, (b*h, P) @ (P, 7) in float32; the mean over queries in float64.
         patch_mass = patch.sum(-1, keepdim=True)
         a_prime = patch / patch_mass.clamp_min(1e-30)
-        feats[..., 3] = rows[..., :n_pre].sum(-1).mean(-1)  # prefix mass, read directly
-        tab = (a_prime.reshape(b * h, p * p) @ self._table(a.device)).view(b, h, -1)
-        feats[..., 0:2] = tab[..., 0:2]
-        feats[..., 4:] = tab[..., 2:]
+        per_query = torch.bmm(a_prime.view(b * h, p, p).transpose(0, 1), self._table(a.device))
+        tab = per_query.sum(0, dtype=torch.float64).div_(p).view(b, h, -1)
+        feats64[..., 0:2] = tab[..., 0:2]
+        feats64[..., 4:] = tab[..., 2:]
         self.attn_sum += a_prime.sum(0)
-        del a_prime
+        del a_prime, per_query
 
-        feats64 = feats.double()
         self.feat_sum += feats64.sum(0)
         self.feat_sumsq += feats64.square().sum(0)
         if self.n_bootstrap:
