@@ -163,3 +163,21 @@ def test_one_hot_offset_is_exact_under_any_thread_count():
             assert red.result().feature("mean_distance_patches").item() == pytest.approx(5.0, rel=1e-7)
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("chunk_images", [1, 2])
+def test_chunked_reduction_equals_whole_batch(monkeypatch, chunk_images):
+    import probe.analyses.reducers as reducers
+
+    g = GEOMETRIES[2]
+    attn = random_attention(5, 2, g.num_tokens, seed=13)
+    whole = LayerReducer(1, g, n_bootstrap=8, seed=2)
+    whole.update(attn)
+    monkeypatch.setattr(reducers, "CHUNK_ELEMENTS", chunk_images * attn[0].numel())
+    chunked = LayerReducer(1, g, n_bootstrap=8, seed=2)
+    chunked.update(attn)
+    a, b = whole.result(), chunked.result()
+    for k in ("attn_sum", "feat_sum", "feat_sumsq", "boot_sum", "boot_weight"):
+        torch.testing.assert_close(getattr(b, k), getattr(a, k), atol=1e-6, rtol=1e-6)  # float32 rounding
+    ref, _ = reference_features(attn, g)
+    torch.testing.assert_close(b.feat_sum, ref.sum(0), atol=2e-5, rtol=1e-6)

@@ -46,6 +46,10 @@ PHI = slice(4, 9)
 
 _TINY = torch.finfo(torch.float32).tiny
 
+#: Attention entries reduced at once (16 MiB of float32): larger batches are split into chunks of
+#: whole images, which keeps the reducer's temporaries cache-sized and its memory bounded.
+CHUNK_ELEMENTS = 1 << 22
+
 
 def feature_tables(geometry: TokenGeometry) -> torch.Tensor:
     """Per-(query, key) values whose attention-weighted sum gives the patch-key features.
@@ -211,6 +215,9 @@ class LayerReducer:
     def update(self, attn: torch.Tensor) -> None:
         """Accumulate one batch.
 
+        The batch is reduced in chunks of at most :data:`CHUNK_ELEMENTS` attention entries (at
+        least one image), so the temporaries stay cache-sized and bounded whatever the batch size.
+
         Args:
             attn: attention probabilities ``(batch, heads, tokens, tokens)``, rows summing to 1,
                 on any device and floating dtype.
@@ -225,15 +232,33 @@ class LayerReducer:
             )
         g = self.geometry
         g.check_tokens(attn.shape[-1], where=f"layer {self.layer} attention")
-        a = attn if attn.dtype == torch.float32 else attn.float()
-        b, h = a.shape[:2]
+        b, h = attn.shape[:2]
         if self.attn_sum is None:
-            self._init_sums(h, a.device)
+            self._init_sums(h, attn.device)
         elif self.attn_sum.shape[0] != h:
             raise ProbeError(
                 f"layer {self.layer}: head count changed from {self.attn_sum.shape[0]} to {h}"
             )
-        n_pre, p = g.num_prefix_tokens, g.num_patches
+        step = max(1, CHUNK_ELEMENTS // max(1, attn[0].numel()))
+        if step >= b:
+            feats64 = self._reduce(attn)
+        else:
+            feats64 = torch.cat([self._reduce(attn[i:i + step]) for i in range(0, b, step)])
+        self.feat_sum += feats64.sum(0)
+        self.feat_sumsq += feats64.square().sum(0)
+        if self.n_bootstrap:
+            ones = torch.ones(self.n_bootstrap, b, dtype=torch.float64, device=attn.device)
+            w = torch.poisson(ones, self._gen)
+            self.boot_sum += (w @ feats64.view(b, -1)).view(self.n_bootstrap, h, -1)
+            self.boot_weight += w.sum(1)
+        self.n_images += b
+
+    def _reduce(self, attn: torch.Tensor) -> torch.Tensor:
+        """Add the chunk's ``A'`` to :attr:`attn_sum`; return its per-image features, float64
+        ``(b, heads, F)``. One pass per elementwise step over the chunk, no copy to the host."""
+        a = attn if attn.dtype == torch.float32 else attn.float()
+        b, h = a.shape[:2]
+        n_pre, p = self.geometry.num_prefix_tokens, self.geometry.num_patches
         rows = a[:, :, n_pre:, :]  # patch queries, all keys: one contiguous block per (image, head)
         patch = rows[..., n_pre:] if n_pre else rows  # (b, h, P, P)
 
@@ -254,16 +279,7 @@ class LayerReducer:
         feats64[..., 0:2] = tab[..., 0:2]
         feats64[..., 4:] = tab[..., 2:]
         self.attn_sum += a_prime.sum(0)
-        del a_prime, per_query
-
-        self.feat_sum += feats64.sum(0)
-        self.feat_sumsq += feats64.square().sum(0)
-        if self.n_bootstrap:
-            ones = torch.ones(self.n_bootstrap, b, dtype=torch.float64, device=a.device)
-            w = torch.poisson(ones, self._gen)
-            self.boot_sum += (w @ feats64.view(b, -1)).view(self.n_bootstrap, h, -1)
-            self.boot_weight += w.sum(1)
-        self.n_images += b
+        return feats64
 
     def result(self) -> LayerStats:
         """The accumulated statistics.
