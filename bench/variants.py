@@ -7,8 +7,11 @@ Every workload processes the same images (a pre-transformed tensor, streamed bat
   ``F.scaled_dot_product_attention``);
 * ``b`` — plain forward pass with attention probabilities materialised (``fused_attn = False``:
   ``softmax(q k^T * scale)`` is computed explicitly); the floor for any tool that reads them;
-* ``c`` — probe's full analysis, one call to :func:`probe.analyze` (capture + streaming reducers +
-  tables, and whatever further analyses ``analyze`` runs; no report);
+* ``c`` — probe's full analysis, one call to :func:`probe.analyze` with its defaults (capture +
+  streaming reducers + tables, and every further analysis ``analyze`` runs: the Δ/α fits and the
+  conv-likeness test with its random-init null; no report);
+* ``s`` — the streaming part of ``c`` alone (``fits=False, conv_test=False``): its cost grows with
+  the number of images, while ``c - s`` is a fixed cost per analysis;
 * ``d`` — the naive baseline a user writes today: timm's ``AttentionExtract`` (torch.fx), every
   attention map of every layer kept as a NumPy array, then the same statistics computed afterwards
   in vectorised NumPy (mean attention distance in patches and pixels, entropy, prefix mass, the
@@ -41,7 +44,9 @@ import torch  # noqa: E402
 VARIANTS = {
     "a": "forward, fused attention (as shipped)",
     "b": "forward, attention probabilities materialised",
-    "c": "probe.analyze (full analysis, no report)",
+    "c": "probe.analyze (full analysis as shipped: capture, reducers, tables, Δ/α fits, conv-likeness "
+         "test with its random-init null; no report)",
+    "s": "probe.analyze streaming part only (capture, reducers, tables; fits=False, conv_test=False)",
     "d": "naive: timm AttentionExtract + all maps kept + NumPy metrics",
 }
 
@@ -212,14 +217,14 @@ class Workload:
 
     _run_b = _run_a  # same loop; the attention modules were switched to explicit softmax
 
-    def _run_c(self, num_images):
+    def _run_c(self, num_images, **options):
         import probe
         from probe.data import TensorImages
 
         src = self.source if num_images is None else TensorImages(self.source.pool, num_images)
         result = probe.analyze(
             self.resolved, src, batch_size=self.batch_size, device=str(self.device),
-            amp=bool(self.spec.get("amp", False)), seed=self.spec.get("seed", 0),
+            amp=bool(self.spec.get("amp", False)), seed=self.spec.get("seed", 0), **options,
         )
         heads = result.heads
         self.summary = {
@@ -227,6 +232,9 @@ class Workload:
             "entropy_nats": heads["entropy_nats"].tolist(),
             "prefix_mass": heads["prefix_mass"].tolist(),
         }
+
+    def _run_s(self, num_images):
+        self._run_c(num_images, fits=False, conv_test=False)
 
     def _run_d(self, num_images):
         maps: dict[str, list[np.ndarray]] = {}
