@@ -210,6 +210,36 @@ class Worker:
             self.proc.terminate()
 
 
+def _cpu_times() -> tuple[int, int] | None:
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields), idle
+
+
+def quiet_wait(max_wait: float, threshold: float = 0.15, window: float = 0.3) -> dict[str, float]:
+    """Wait (at most ``max_wait`` s) until the machine is quiet before a timed repeat.
+
+    Called while every worker is idle, so the busy share of all CPUs over a ``window``-second
+    sample (``/proc/stat``) is other processes' load. Returns ``{"busy": share, "waited": s}``;
+    ``busy`` above ``threshold`` means the repeat ran on a loaded machine anyway.
+    """
+    t0 = time.perf_counter()
+    busy = float("nan")
+    while True:
+        a = _cpu_times()
+        time.sleep(window)
+        b = _cpu_times()
+        if a is None or b is None or b[0] == a[0]:
+            break
+        busy = 1.0 - (b[1] - a[1]) / (b[0] - a[0])
+        if busy < threshold or time.perf_counter() - t0 >= max_wait:
+            break
+    return {"busy": round(busy, 3), "waited": round(time.perf_counter() - t0 - window, 2)}
+
+
 def curve_env(args) -> dict[str, str]:
     """Environment of the memory-curve workers.
 
@@ -252,9 +282,12 @@ def measure_throughput(model, configs, names, args, images_path) -> list[dict]:
                 workers[v].call("run", batch_size, batch_size)  # warm-up: one batch
             times: dict[str, list[float]] = {v: [] for v in names}
             cpu: dict[str, list[float]] = {v: [] for v in names}
+            busy: dict[str, list[float]] = {v: [] for v in names}
             for r in range(args.repeats):
                 order = names[r % len(names):] + names[: r % len(names)]
                 for v in order:
+                    if args.quiet_wait > 0:
+                        busy[v].append(quiet_wait(args.quiet_wait)["busy"])
                     t = workers[v].call("run", num_images, batch_size)
                     times[v].append(t["wall_s"])
                     cpu[v].append(t["cpu_s"])
@@ -266,6 +299,7 @@ def measure_throughput(model, configs, names, args, images_path) -> list[dict]:
                     "times_s": [round(t, 4) for t in times[v]], "median_s": round(med, 4),
                     "min_s": round(min(times[v]), 4),
                     "cpu_s": [round(t, 3) for t in cpu[v]],
+                    "others_busy_before": busy[v],
                     "images_per_s": round(num_images / med, 3),
                     "images_per_s_best": round(num_images / min(times[v]), 3),
                     "peak_rss_mb": round(st["peak_rss_mb"], 1),
@@ -304,6 +338,7 @@ def measure_memory(model, counts, names, args, pool_path, shape) -> list[dict]:
             }
             w = Worker(spec, env=curve_env(args)).ready()
             try:
+                quiet = quiet_wait(args.quiet_wait) if args.quiet_wait > 0 else {}
                 t = w.call("run", None)["wall_s"]
                 st = w.call("stats")
             finally:
@@ -314,6 +349,7 @@ def measure_memory(model, counts, names, args, pool_path, shape) -> list[dict]:
                 "setup_rss_mb": round(w.setup["setup_rss_mb"], 1),
                 "cuda_peak_mb": round(st["cuda_peak_mb"], 1) if "cuda_peak_mb" in st else None,
                 "seconds": round(t, 2), "images_per_s": round(n / t, 3),
+                "others_busy_before": quiet.get("busy"),
             })
             log(f"memory {model} {v} n={n}: peak {rows[-1]['peak_rss_mb']:.0f} MiB "
                 f"(setup {rows[-1]['setup_rss_mb']:.0f}), {n / t:.1f} img/s")
@@ -459,15 +495,16 @@ def write_markdown(res: dict, path: Path) -> None:
         L.append(f"- **{k}**: {v}")
     L += ["", "## Throughput (median of interleaved repeats) and peak memory", "",
           "images/s from the median wall time; best = from the fastest repeat; CPU s = process CPU "
-          "time of each repeat (with T threads, CPU s well under T × wall s means the workers waited "
-          "for cores held by other processes).", "",
-          "| model | batch | images | workload | images/s | best | wall s (repeats) | CPU s (repeats) | peak RSS MiB | RSS before MiB |",
-          "|---|---:|---:|---|---:|---:|---|---|---:|---:|"]
+          "time of each repeat; others' load = share of all CPUs busy with other processes just "
+          "before each repeat (the harness waits up to --quiet-wait s for it to fall under 15 %).", "",
+          "| model | batch | images | workload | images/s | best | wall s (repeats) | CPU s (repeats) | others' load before | peak RSS MiB | RSS before MiB | CUDA peak MiB |",
+          "|---|---:|---:|---|---:|---:|---|---|---|---:|---:|---:|"]
     for r in res["throughput"]:
         L.append(f"| {r['model']} | {r['batch_size']} | {r['num_images']} | {r['variant']} | "
                  f"{r['images_per_s']:.2f} | {r.get('images_per_s_best', float('nan')):.2f} | "
                  f"{', '.join(f'{t:.2f}' for t in r['times_s'])} | {', '.join(f'{t:.2f}' for t in r.get('cpu_s', []))} | "
-                 f"{r['peak_rss_mb']:.0f} | {r['rss_before_mb']:.0f} |")
+                 f"{', '.join(f'{t:.0%}' for t in r.get('others_busy_before', [])) or '—'} | "
+                 f"{r['peak_rss_mb']:.0f} | {r['rss_before_mb']:.0f} | {_fmt(r.get('cuda_peak_mb'), 0)} |")
     L += ["", "## Ratios of throughput (images/s of one workload divided by that of another)", "",
           "c includes a fixed cost per analysis (Δ/α fits, conv-likeness test and its random-init null: "
           "`fixed s` = median c − median s on the same images); its c/b at more images is projected "
@@ -570,6 +607,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (ignored on CPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
+    ap.add_argument("--quiet-wait", type=float, default=10.0,
+                    help="before each timed repeat wait up to this many seconds for other processes to "
+                         "use under 15%% of the CPUs (0: never wait); the load seen is recorded")
     ap.add_argument("--image-dir", type=Path, default=DEFAULT_IMAGE_DIR)
     ap.add_argument("--synthetic", action="store_true", help="random images instead of photos")
     ap.add_argument("--quick", action="store_true",
@@ -620,6 +660,7 @@ def main(argv=None) -> int:
             "memory_batch_size": args.memory_batch_size, "pool": args.pool, "curve_malloc": args.curve_malloc,
             "device": args.device,
             "amp": args.amp, "threads_used": args.threads or torch.get_num_threads(),
+            "quiet_wait_s": args.quiet_wait,
         },
         "notes": notes,
         "throughput": [],

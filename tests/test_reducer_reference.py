@@ -220,3 +220,18 @@ def test_result_midway_then_more_batches():
     torch.testing.assert_close(first.feat_sum, ref_x.sum(0), atol=2e-5, rtol=1e-6)
     torch.testing.assert_close(both.feat_sum, ref_x.sum(0) + ref_y.sum(0), atol=2e-5, rtol=1e-6)
     assert (both.boot_weight >= first.boot_weight).all()
+
+
+def test_small_batches_staged_and_large_batches_chunked_in_any_mix(monkeypatch):
+    import probe.analyses.reducers as reducers
+
+    g = GEOMETRIES[2]
+    attn = random_attention(9, 2, g.num_tokens, seed=41)
+    whole = _run([attn], g)
+    monkeypatch.setattr(reducers, "CHUNK_ELEMENTS", 3 * attn[0].numel())  # chunks of 3 images
+    monkeypatch.setattr(reducers, "FLUSH_IMAGES", 2)
+    mixed = _run([attn[:1], attn[1:5], attn[5:6], attn[6:7].half(), attn[7:9]], g)
+    for k in ("attn_sum", "feat_sum", "feat_sumsq", "boot_sum", "boot_weight"):
+        torch.testing.assert_close(getattr(mixed, k), getattr(whole, k), atol=2e-3 if k != "boot_weight" else 0,
+                                   rtol=1e-3)  # one image went through float16
+    assert mixed.n_images == 9

@@ -56,9 +56,9 @@ FLUSH_IMAGES = 64
 _RAW_ORDER = (0, 1, 7, 8, 2, 3, 4, 5, 6)
 _RAW_SCALE = (1.0, 1.0, -1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 
-#: Attention entries reduced at once (16 MiB of float32): larger batches are split into chunks of
+#: Attention entries reduced at once (4 MiB of float32): larger batches are split into chunks of
 #: whole images, which keeps the reducer's temporaries cache-sized and its memory bounded.
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 20
 
 
 def feature_tables(geometry: TokenGeometry) -> torch.Tensor:
@@ -202,6 +202,8 @@ class LayerReducer:
         self._tables: dict[torch.device, torch.Tensor] = {}
         self._buf: torch.Tensor | None = None
         self._nbuf = 0
+        self._stage: torch.Tensor | None = None
+        self._nstage = 0
         self.n_images = 0
         self.attn_sum: torch.Tensor | None = None
         self.feat_sum: torch.Tensor | None = None
@@ -241,7 +243,9 @@ class LayerReducer:
         """Accumulate one batch.
 
         The batch is reduced in chunks of at most :data:`CHUNK_ELEMENTS` attention entries (at
-        least one image), so the temporaries stay cache-sized and bounded whatever the batch size.
+        least one image), so the temporaries stay cache-sized and bounded whatever the batch size;
+        batches smaller than a chunk are copied into a staging chunk (float32, at most
+        :data:`CHUNK_ELEMENTS` entries) and reduced together once it is full or at :meth:`result`.
 
         Args:
             attn: attention probabilities ``(batch, heads, tokens, tokens)``, rows summing to 1,
@@ -264,17 +268,40 @@ class LayerReducer:
             raise ProbeError(
                 f"layer {self.layer}: head count changed from {self.attn_sum.shape[0]} to {h}"
             )
+        step = max(1, CHUNK_ELEMENTS // max(1, attn[0].numel()))
+        if b < step:
+            # a small batch is copied into a staging chunk and reduced with the next ones: the
+            # fixed cost of a reduction (a few dozen tensor operations) is paid once per chunk
+            if self._stage is None or self._stage.shape[1:] != attn.shape[1:] or self._stage.device != attn.device:
+                self._reduce_staged()
+                self._stage = torch.empty(step, *attn.shape[1:], dtype=torch.float32, device=attn.device)
+            if self._nstage + b > self._stage.shape[0]:
+                self._reduce_staged()
+            self._stage[self._nstage:self._nstage + b].copy_(attn)
+            self._nstage += b
+        else:
+            self._reduce_staged()
+            self._ingest(attn, step)
+        self.n_images += b
+
+    def _reduce_staged(self) -> None:
+        """Reduce the images waiting in the staging chunk."""
+        if self._nstage:
+            n, self._nstage = self._nstage, 0
+            self._ingest(self._stage[:n], n)
+
+    def _ingest(self, attn: torch.Tensor, step: int) -> None:
+        """Reduce ``attn`` in chunks of ``step`` images into the feature buffer."""
+        b = attn.shape[0]
         if self._nbuf + b > self._buf.shape[0]:
             self._flush()
             if b > self._buf.shape[0]:
                 self._buf = self._buf.new_empty(b, *self._buf.shape[1:])
-        step = max(1, CHUNK_ELEMENTS // max(1, attn[0].numel()))
         for i in range(0, b, step):
             chunk = attn[i:i + step] if step < b else attn
             c = chunk.shape[0]
             self._reduce(chunk, self._buf[self._nbuf:self._nbuf + c])
             self._nbuf += c
-        self.n_images += b
 
     def _reduce(self, attn: torch.Tensor, out: torch.Tensor) -> None:
         """Add the chunk's ``A'`` to the window sum and write its raw per-image sums to ``out``
@@ -304,6 +331,7 @@ class LayerReducer:
     def _flush(self) -> None:
         """Fold the buffered per-image features into the sums and the bootstrap sums, and the
         float32 window sum of ``A'`` into :attr:`attn_sum`."""
+        self._reduce_staged()
         n = self._nbuf
         if n == 0:
             return
