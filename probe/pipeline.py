@@ -14,7 +14,13 @@ from torch import nn
 
 from . import __version__
 from .analyses.reducers import LayerReducer
-from .capture import AttentionCapture, find_attention_layers, infer_geometry, parse_layers
+from .capture import (
+    AttentionCapture,
+    describe_rules,
+    find_attention_layers,
+    infer_geometries,
+    parse_layers,
+)
 from .data import ImageSet, collect_images, eval_transform, iter_batches
 from .errors import CaptureError, ProbeError
 from .models import ResolvedModel, resolve_model
@@ -97,20 +103,21 @@ def analyze(
     net = resolved.model.to(dev).eval()
     image_set = images if isinstance(images, ImageSet) else collect_images(images, num_images, seed)
 
-    all_layers = find_attention_layers(net)
-    if not all_layers:
-        raise CaptureError(
-            f"{resolved.name}: no attention module that probe can capture was found "
-            f"(looked for: timm attention, and registered rules); register a capture rule "
-            "(see probe.capture) or pass a supported model"
-        )
-    selected = [all_layers[i] for i in parse_layers(layers, len(all_layers))]
     transform, data_cfg = eval_transform(net, data_overrides)
     input_shape = tuple(int(v) for v in data_cfg["input_size"])
     mode = "L" if input_shape[0] == 1 else "RGB"
-    geometry = infer_geometry(net, selected[0], input_shape, prefix_tokens, grid, patch_size)
+    all_layers = find_attention_layers(net, input_shape)
+    if not all_layers:
+        raise CaptureError(
+            f"{resolved.name}: no attention that probe can capture was found (tried: {describe_rules()}); "
+            "register a capture rule for its attention module (see probe.capture, docs/capture.md) "
+            "or pass a model with attention"
+        )
+    selected = [all_layers[i] for i in parse_layers(layers, len(all_layers), resolved.name)]
+    geometries = infer_geometries(net, selected, input_shape, prefix_tokens, grid, patch_size, resolved.name)
+    geometry = geometries[selected[0].index]
 
-    reducers = {l.index: LayerReducer(l.index, geometry, n_bootstrap, seed) for l in selected}
+    reducers = {l.index: LayerReducer(l.index, geometries[l.index], n_bootstrap, seed) for l in selected}
 
     def sink(index: int, attn: torch.Tensor) -> None:
         reducers[index].update(attn)
@@ -155,6 +162,15 @@ def analyze(
             "num_prefix_tokens": geometry.num_prefix_tokens,
             "grid": list(geometry.grid),
             "pixels_per_token": list(geometry.pixels_per_token),
+        },
+        "geometry_per_layer": {
+            l.index: {
+                "num_prefix_tokens": g.num_prefix_tokens,
+                "grid": list(g.grid),
+                "pixels_per_token": list(g.pixels_per_token),
+            }
+            for l in selected
+            for g in [geometries[l.index]]
         },
         "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_cfg.items()},
         "device": str(dev) + (" (bf16 autocast)" if autocast is not None else ""),
