@@ -20,6 +20,11 @@ Extension point — a capture rule for a new attention module in a few lines::
             return handle.remove          # a callable that restores the module
 
     register_rule(MyAttentionRule())       # checked before the built-in rules
+
+The rules of the model families (ConViT, Swin, ``nn.MultiheadAttention``, and the functional
+fallback for user modules that call ``F.scaled_dot_product_attention`` or a softmax) live in
+:mod:`probe.families`, imported at the end of this module. Layers may differ in token geometry
+(:func:`infer_geometries`). The full guide, refusals included, is ``docs/capture.md``.
 """
 
 from __future__ import annotations
@@ -349,7 +354,8 @@ def dry_run(
 
     Also checks that each layer's attention is image-wide self-attention among tokens: one
     sequence per image (not one per window), as many queries as keys, and as many keys as the
-    module's input has tokens (not channels, as in cross-covariance attention).
+    module's input has tokens (not channels, as in cross-covariance attention), and rows that sum
+    to one.
 
     Returns:
         ``{layer index: LayerShape}``.
@@ -362,9 +368,13 @@ def dry_run(
     name = model_name or type(model).__name__
     seen: dict[int, tuple[int, ...]] = {}
     inputs: dict[int, tuple[int, ...]] = {}
+    row_sums: dict[int, tuple[float, float]] = {}
 
     def sink(i: int, a: torch.Tensor) -> None:
-        seen.setdefault(i, tuple(a.shape))
+        if i not in seen:
+            seen[i] = tuple(a.shape)
+            sums = a.float().sum(-1)
+            row_sums[i] = (float(sums.min()), float(sums.max())) if sums.numel() else (1.0, 1.0)
 
     def pre_hook(index: int):
         def hook(mod, args, kwargs):
@@ -415,6 +425,13 @@ def dry_run(
                 "of tokens (e.g. Swin-style windows), which probe cannot read as attention over the "
                 "image; choose other --layers or register a capture rule that maps the windows back "
                 "to image positions (see probe.capture)"
+            )
+        lo, hi = row_sums[layer.index]
+        if not (abs(lo - 1) < 1e-3 and abs(hi - 1) < 1e-3):
+            raise CaptureError(
+                f"{where} gave rows that sum to {lo:.4g}..{hi:.4g}, not 1: what the rule reads is not "
+                "attention probabilities (e.g. maps mixed across heads after the softmax); choose other "
+                "--layers or register a capture rule that reads the softmax output (see probe.capture)"
             )
         inp = inputs.get(layer.index)
         if inp is not None and len(inp) == 3 and inp[0] == 1 and inp[1] != k:

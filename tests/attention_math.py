@@ -33,6 +33,18 @@ def timm_vit(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1)
 
 
+def cait_talking_heads(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """CaiT talking-heads attention (Touvron et al. 2021): ``softmax`` over keys of the logits
+    ``q k^T * scale`` mixed across heads by ``proj_l``."""
+    x = _d(x)
+    c = x.shape[-1]
+    qkv = F.linear(x, _d(mod.qkv.weight), _d(mod.qkv.bias))
+    q, k = _heads(qkv[..., :c], mod.num_heads), _heads(qkv[..., c:2 * c], mod.num_heads)
+    logits = q @ k.transpose(-2, -1) * (c // mod.num_heads) ** -0.5  # (b, h, n, n)
+    mixed = torch.einsum("gh,bhqk->bgqk", _d(mod.proj_l.weight), logits) + _d(mod.proj_l.bias).view(1, -1, 1, 1)
+    return torch.softmax(mixed, dim=-1)
+
+
 def convit_gpsa(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """ConViT gated positional self-attention (d'Ascoli et al. 2021, Eq. 5): content softmax and
     positional softmax over ``r_qk = (dcol, drow, dcol^2 + drow^2)`` mixed by ``sigmoid(gate)``,

@@ -83,6 +83,11 @@ def swin_padded() -> nn.Module:
                  depths=(2,), num_heads=(2,))
 
 
+def cait() -> nn.Module:
+    """CaiT: 2 talking-heads self-attention layers, then 1 class-attention layer (1 query)."""
+    return _timm("cait_xxs24_224", (3, 64, 64), img_size=64, embed_dim=24, depth=2, num_heads=4, depth_token_only=1)
+
+
 def xcit() -> nn.Module:
     """XCiT: cross-covariance (channel) attention, refused."""
     return _timm("xcit_nano_12_p16_224", (3, 64, 64), img_size=64, depth=2)

@@ -107,6 +107,42 @@ def test_swin_windows_mapped_to_image_positions(factory, version):
     assert shifts == [(0, 0), (2, 2), (0, 0), (2, 2)]  # both regular and shifted windows were checked
 
 
+def test_cait_talking_heads_and_class_attention():
+    """Talking-heads layers give softmax(proj_l(q k^T scale)); the class-attention layer (one
+    query) is refused with the reason, and selecting the self-attention layers works."""
+    model = build("cait")
+    x = random_batch(model)
+    layers = find_attention_layers(model, input_shape(model))
+    assert [(l.name, l.rule.name) for l in layers] == [
+        ("blocks.0.attn", "timm-cait-talking-heads"), ("blocks.1.attn", "timm-cait-talking-heads"),
+        ("blocks_token_only.0.attn", "timm-attention")]
+    _, got, inputs = capture_all(model, x)
+    for layer in layers[:2]:
+        want = am.cait_talking_heads(layer.module, inputs[layer.index])
+        assert torch.allclose(got[layer.index].double(), want, atol=TOL, rtol=0)
+    with pytest.raises(CaptureError, match=r"layer 2 \(blocks_token_only.0.attn.*1 queries to 17 keys.*--layers"):
+        infer_geometries(model, layers, input_shape(model), model_name="cait")
+    g = infer_geometries(model, layers[:2], input_shape(model))
+    assert {_as_tuple(v) for v in g.values()} == {(0, (4, 4), (16.0, 16.0))}  # CaiT adds the class token late
+
+
+def test_refuse_attention_that_is_not_probabilities():
+    """Reading CaiT at attn_drop (after the second head mixing) gives rows that do not sum to 1:
+    refused instead of analysed."""
+    from probe import capture
+
+    model = build("cait")
+    rule = next(r for r in capture.rules() if r.name == "timm-cait-talking-heads")
+    capture._RULES.remove(rule)
+    try:
+        layers = find_attention_layers(model, input_shape(model))
+        assert layers[0].rule.name == "timm-attention"
+        with pytest.raises(CaptureError, match=r"rows that sum to .* not 1"):
+            infer_geometries(model, layers[:1], input_shape(model), model_name="cait")
+    finally:
+        capture.register_rule(rule)
+
+
 def test_swin_captured_output_is_unchanged():
     model = build("swin")
     x = random_batch(model)

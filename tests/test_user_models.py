@@ -292,3 +292,57 @@ def test_cifar_vit_end_to_end(repo_on_path, tmp_path):
     # the model's own pretrained_cfg gives the same transform as the options
     cfg_run = probe.analyze("examples.cifar_vit:build", str(CIFAR_IMAGES), weights=CIFAR_WEIGHTS, num_images=64)
     assert cfg_run.heads.to_csv(index=False) == heads
+
+
+# ----------------------------------------------------------------------------------------------
+# the documented extension point
+# ----------------------------------------------------------------------------------------------
+class SoftmaxModuleAttention(torch.nn.Module):
+    """A new attention module that applies an ``nn.Softmax`` submodule to its scores."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.scale = (dim // heads) ** -0.5
+        self.to_q = torch.nn.Linear(dim, dim, bias=False)
+        self.to_k = torch.nn.Linear(dim, dim, bias=False)
+        self.to_v = torch.nn.Linear(dim, dim, bias=False)
+        self.out = torch.nn.Linear(dim, dim)
+        self.softmax = torch.nn.Softmax(dim=-1)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        split = lambda t: t.reshape(b, n, self.heads, c // self.heads).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x))
+        attn = self.softmax(q @ k.transpose(-2, -1) * self.scale)
+        return self.out((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+def test_documented_rule_extension():
+    """The few lines of docs/capture.md register a rule that then captures the new module."""
+    from probe import capture
+    from probe.capture import CaptureRule, register_rule
+
+    class MyAttentionRule(CaptureRule):
+        name = "my-attention"
+
+        def matches(self, module):
+            return isinstance(module, SoftmaxModuleAttention)
+
+        def install(self, module, emit):
+            handle = module.softmax.register_forward_hook(lambda mod, inp, out: emit(out))
+            return handle.remove
+
+    rule = MyAttentionRule()
+    register_rule(rule)
+    try:
+        torch.manual_seed(0)
+        model = fm.TinyViT(SoftmaxModuleAttention).eval()
+        x = torch.randn(2, 3, 32, 32)
+        layers, got, inputs, _ = capture_all(model, x)
+        assert [(l.name, l.rule.name) for l in layers] == [("blocks.0.attn", "my-attention"), ("blocks.1.attn", "my-attention")]
+        for layer in layers:
+            assert torch.allclose(got[layer.index].double(), am.user_hand(layer.module, inputs[layer.index]), atol=TOL)
+        assert not any(l.module.softmax._forward_hooks for l in layers)
+    finally:
+        capture._RULES.remove(rule)

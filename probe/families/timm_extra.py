@@ -16,6 +16,8 @@
   token, the grid of its stage and ``input / grid`` pixels per token (4, 8, 16, 32 px in the
   usual models). Windows that need padding (a stage grid that is not a multiple of the window)
   are refused: the padded tokens take attention mass that belongs to no image position.
+* **CaiT** talking-heads attention: probabilities read at the input of ``proj_w`` (after the
+  softmax, before the second head mixing); its class-attention layers are refused (one query).
 * **XCiT** cross-covariance attention (``XCA``) is refused: it attends across channels, not
   tokens, so there is no attention between image positions.
 
@@ -31,7 +33,7 @@ from ..capture import CaptureRule, Emit, Restore, TimmAttentionRule, register_ru
 from ..errors import CaptureError
 
 #: Emit the dense Swin attention in pieces of at most this many bytes.
-DENSE_CHUNK_BYTES = 1 << 28
+DENSE_CHUNK_BYTES = 1 << 27
 
 
 class ConvitGpsaRule(TimmAttentionRule):
@@ -44,6 +46,28 @@ class ConvitGpsaRule(TimmAttentionRule):
 
     def num_prefix_tokens(self, module: nn.Module) -> int | None:
         return 0
+
+
+class CaitTalkingHeadsRule(CaptureRule):
+    """timm CaiT's talking-heads attention (Touvron et al. 2021, Sec. 2): the probabilities are
+    ``softmax(proj_l(q k^T * scale))`` over the heads mixed by ``proj_l``; ``attn_drop`` sees them
+    only after a second mixing ``proj_w``, whose rows no longer sum to one. The rule reads the input
+    of ``proj_w`` instead. (CaiT's class-attention layers, whose only query is the class token, are
+    refused by :func:`probe.capture.dry_run`; select the self-attention layers with ``--layers``.)"""
+
+    name = "timm-cait-talking-heads"
+
+    def matches(self, module: nn.Module) -> bool:
+        return (type(module).__name__ == "TalkingHeadAttn" and type(module).__module__ == "timm.models.cait"
+                and isinstance(getattr(module, "proj_w", None), nn.Module))
+
+    def num_prefix_tokens(self, module: nn.Module) -> int | None:
+        return 0  # the class token joins only in the class-attention layers
+
+    def install(self, module: nn.Module, emit: Emit) -> Restore:
+        # proj_w receives the probabilities as (batch, query, key, heads)
+        handle = module.proj_w.register_forward_pre_hook(lambda mod, args: emit(args[0].permute(0, 3, 1, 2)))
+        return handle.remove
 
 
 class XcaRefusalRule(CaptureRule):
@@ -152,7 +176,12 @@ class SwinWindowRule(CaptureRule):
         restore_fused = _fused_off(attn_mod)
 
         def pre_hook(mod: nn.Module, args: tuple) -> None:
-            x = args[0]  # (B, H, W, C)
+            x = args[0]
+            if x.dim() != 4:
+                raise CaptureError(
+                    f"{type(mod).__name__} received input of shape {tuple(x.shape)}, not (batch, H, W, "
+                    "channels); this timm Swin version is not supported, choose other --layers"
+                )
             state["grid"] = (int(x.shape[1]), int(x.shape[2]))
 
         def on_attn(mod: nn.Module, inp: tuple, attn: torch.Tensor) -> None:
@@ -187,4 +216,5 @@ class SwinWindowRule(CaptureRule):
 
 register_rule(SwinWindowRule())
 register_rule(XcaRefusalRule())
+register_rule(CaitTalkingHeadsRule())
 register_rule(ConvitGpsaRule())
