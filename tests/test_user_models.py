@@ -346,3 +346,29 @@ def test_documented_rule_extension():
         assert not any(l.module.softmax._forward_hooks for l in layers)
     finally:
         capture._RULES.remove(rule)
+
+
+def test_factory_found_from_current_directory_or_file(tmp_path, monkeypatch):
+    """The ``probe`` console script does not put the working directory on sys.path: a user's
+    module there is still found, and ``path/to/file.py:factory`` loads a file."""
+    import sys
+
+    from probe.models import resolve_model
+
+    (tmp_path / "cwd_user_vit.py").write_text("from family_models import handwritten_vit as build\n")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "file_user_vit.py").write_text("from family_models import sdpa_vit as build\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    for name in ("cwd_user_vit", "file_user_vit"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    r = resolve_model("cwd_user_vit:build", random_init=True)
+    assert type(r.model).__name__ == "TinyViT" and r.model.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)
+    assert str(tmp_path) not in sys.path
+    r = resolve_model(str(sub / "file_user_vit.py") + ":build", random_init=True)
+    assert isinstance(r.model.blocks[0].attn, fm.SdpaAttention)
+    with pytest.raises(ProbeError, match="cannot import 'no_such_user_module'.*PYTHONPATH"):
+        resolve_model("no_such_user_module:build", random_init=True)
+    with pytest.raises(ProbeError, match="not found"):
+        resolve_model("missing/file.py:build", random_init=True)
