@@ -11,6 +11,7 @@ Library use::
 __version__ = "0.1.0"
 
 from .errors import CaptureError, ProbeError  # noqa: E402
+from . import families  # noqa: E402,F401  (registers the family capture rules)
 from .geometry import TokenGeometry  # noqa: E402
 from .pipeline import analyze  # noqa: E402
 from .result import AnalysisResult  # noqa: E402

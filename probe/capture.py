@@ -23,7 +23,7 @@ Extension point — a capture rule for a new attention module in a few lines::
 
 The rules of the model families (ConViT, Swin, ``nn.MultiheadAttention``, and the functional
 fallback for user modules that call ``F.scaled_dot_product_attention`` or a softmax) live in
-:mod:`probe.families`, imported at the end of this module. Layers may differ in token geometry
+:mod:`probe.families`, imported by :mod:`probe`. Layers may differ in token geometry
 (:func:`infer_geometries`). The full guide, refusals included, is ``docs/capture.md``.
 """
 
@@ -555,6 +555,3 @@ def infer_geometry(
         ProbeError: as :func:`infer_geometries`.
     """
     return infer_geometries(model, [layer], input_shape, num_prefix_tokens, grid, patch_size)[layer.index]
-
-
-from . import families  # noqa: E402,F401  (registers the capture rules of the model families)

@@ -55,7 +55,7 @@ def _safe_name(name: str) -> str:
 
 @app.command()
 def analyze(
-    model: str = typer.Option(..., "--model", "-m", help="timm name or alias (vit_small, deit_tiny, ...) or package.module:factory"),
+    model: str = typer.Option(..., "--model", "-m", help="timm name or alias (vit_small, deit_tiny, ...), package.module:factory, or hf:FOLDER / hf:ORG/NAME (Hugging Face)"),
     weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="local checkpoint: .safetensors, or .pth/.pt read with weights_only=True"),
     random_init: bool = typer.Option(False, "--random-init", help="analyse untrained weights (explicit opt-in)"),
     images: Optional[str] = typer.Option(None, "--images", "-i", help="folder, file or glob; default: scikit-learn's two sample photos"),
@@ -72,8 +72,17 @@ def analyze(
     input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W of the model input"),
     mean: Optional[str] = typer.Option(None, "--mean", help="per-channel normalisation mean"),
     std: Optional[str] = typer.Option(None, "--std", help="per-channel normalisation std"),
+    fits: bool = typer.Option(True, "--fits/--no-fits", help="fit each head's quadratic-encoding centre Δ and sharpness α"),
+    anisotropic: bool = typer.Option(False, "--anisotropic", help="also fit the full 2x2 covariance form"),
+    conv_test: bool = typer.Option(True, "--conv-test/--no-conv-test", help="test whether layers act like KxK convolutions"),
+    null_seeds: int = typer.Option(3, "--null-seeds", help="random-init copies for the conv test's null (0: skip)"),
+    null_images: int = typer.Option(8, "--null-images", help="images each random-init copy sees"),
+    local_radius: float = typer.Option(2.0, "--local-radius", help="a head is local when 90% of its attention lies within this many patches of its centre"),
+    kernel_size: Optional[int] = typer.Option(None, "--kernel-size", help="K of the KxK lattice (default sqrt(heads) if a square >= 4, else 3)"),
+    conv_level: float = typer.Option(0.01, "--conv-level", help="family-wise significance level (Holm) of the conv test"),
 ) -> None:
     """Capture attention, compute per-head statistics and write report.html and heads.csv."""
+    from .analyses.convlike import ConvLikeConfig
     from .pipeline import analyze as run_analysis
 
     try:
@@ -101,6 +110,10 @@ def analyze(
                     num_images=num_images, batch_size=batch_size, device=device, amp=amp,
                     seed=seed, prefix_tokens=prefix_tokens, grid=_parse_grid(grid),
                     patch_size=patch_size, data_overrides=overrides, progress=progress,
+                    fits=fits, anisotropic=anisotropic, conv_test=conv_test and fits,
+                    conv_config=ConvLikeConfig(kernel_size=kernel_size, r_local=local_radius,
+                                               level=conv_level, seed=seed),
+                    null_seeds=null_seeds, null_images=null_images,
                 )
         for w in caught:
             if "unreadable image" in str(w.message):
@@ -123,6 +136,10 @@ def _summary(result) -> None:
                   f"{r.mean_distance_px:.1f} ({r.min_distance_px:.1f}–{r.max_distance_px:.1f})",
                   f"{r.uniform_distance_px:.1f}", f"{r.entropy_nats:.3f}", f"{r.prefix_mass:.3f}")
     Console().print(t)
+    cl = result.extras.get("convlike")
+    if cl is not None:
+        verdicts = ", ".join(f"{int(r.layer)}: {r.conv_verdict}" for _, r in cl.layers.iterrows())
+        Console().print(f"conv test — {cl.summary()}\n  per layer: {verdicts}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -59,6 +59,8 @@ class ResolvedModel:
         num_params: number of parameters.
         pretrained_cfg: timm-style data config dict (``input_size``, ``mean``, ``std``,
             ``interpolation``, ``crop_pct``) when known, else empty.
+        rebuild: ``rebuild(seed) -> nn.Module``, the same architecture at its random
+            initialisation (used by null distributions), or ``None`` when unknown.
     """
 
     model: nn.Module
@@ -66,6 +68,30 @@ class ResolvedModel:
     weights: str
     num_params: int
     pretrained_cfg: dict[str, Any]
+    rebuild: Callable[[int], nn.Module] | None = None
+
+    def random_init(self, seed: int) -> nn.Module:
+        """The same architecture at random initialisation with ``seed``, in eval mode.
+
+        Uses the model's own constructor (timm name or factory); for an in-memory module, a deep
+        copy whose submodules' ``reset_parameters`` (and timm ``init_weights``) are re-run.
+        """
+        torch.manual_seed(seed)
+        if self.rebuild is not None:
+            net = self.rebuild(seed)
+        else:
+            import copy
+
+            net = copy.deepcopy(self.model)
+            for mod in net.modules():
+                if hasattr(mod, "reset_parameters"):
+                    mod.reset_parameters()
+            if hasattr(net, "init_weights"):
+                try:
+                    net.init_weights()
+                except TypeError:
+                    pass
+        return net.to(next(self.model.parameters()).device).eval()
 
 
 def resolve_name(name: str) -> str:
@@ -264,7 +290,8 @@ def resolve_model(
     """Build or wrap a model and load its weights.
 
     Args:
-        model: a timm name or alias, ``package.module:factory``, or an ``nn.Module``.
+        model: a timm name or alias, ``package.module:factory``, an ``nn.Module``, or a Hugging
+            Face model: ``hf:FOLDER`` / ``hf:ORG/NAME`` (see :mod:`probe.families.hf`).
         weights: a local checkpoint file (see :func:`load_state_dict`).
         random_init: analyse random weights; must be explicit, never a silent fallback.
         seed: seed of the random initialisation.
@@ -278,6 +305,10 @@ def resolve_model(
     """
     if weights is not None and random_init:
         raise ProbeError("--weights and --random-init exclude each other; pass one")
+    from .families import hf
+
+    if hf.handles(model):  # hf:FOLDER, hf:ORG/NAME, a transformers folder or model
+        return hf.resolve_hf(model, weights=weights, random_init=random_init, seed=seed)
     if isinstance(model, nn.Module):
         name = type(model).__name__
         source = "as given (in-memory module)"
@@ -321,12 +352,18 @@ def resolve_model(
             net, source = _from_hub(name)
     net.eval()
     cfg = dict(getattr(net, "pretrained_cfg", None) or {})
+    rebuild = None
+    if isinstance(model, str) and ":" in model:
+        rebuild = lambda seed: factory()  # noqa: E731  (seeded by ResolvedModel.random_init)
+    elif isinstance(model, str):
+        rebuild = lambda seed: __import__("timm").create_model(name, pretrained=False)  # noqa: E731
     return ResolvedModel(
         model=net,
         name=name,
         weights=source,
         num_params=sum(p.numel() for p in net.parameters()),
         pretrained_cfg=cfg,
+        rebuild=rebuild,
     )
 
 

@@ -24,7 +24,9 @@ from .capture import (
 from .data import ImageSet, collect_images, eval_transform, iter_batches
 from .errors import CaptureError, ProbeError
 from .models import ResolvedModel, resolve_model
+from .analyses.convlike import ConvLikeConfig
 from .result import AnalysisResult
+from .steps import add_conv_test, add_quadratic_fits, layer_scores
 from .tables import heads_frame, layers_frame
 
 Progress = Callable[[int, int], None]
@@ -65,6 +67,12 @@ def analyze(
     patch_size: float | None = None,
     data_overrides: dict[str, Any] | None = None,
     progress: Progress | None = None,
+    fits: bool = True,
+    anisotropic: bool = False,
+    conv_test: bool = True,
+    conv_config: ConvLikeConfig | None = None,
+    null_seeds: int = 3,
+    null_images: int = 8,
 ) -> AnalysisResult:
     """Analyse the attention heads of ``model`` on ``images``.
 
@@ -85,6 +93,14 @@ def analyze(
         prefix_tokens, grid, patch_size: override the inferred token geometry.
         data_overrides: timm data-config values (``input_size``, ``mean``, ``std``, ...).
         progress: ``progress(images_done, images_total)`` after each batch.
+        fits: fit the quadratic-encoding Δ and α of every head (:mod:`probe.analyses.quadratic`).
+        anisotropic: also fit the full 2x2 covariance form.
+        conv_test: test whether layers act like convolutions (:mod:`probe.analyses.convlike`;
+            needs ``fits``).
+        conv_config: thresholds of that test (default :class:`ConvLikeConfig`).
+        null_seeds: random-init copies of the architecture for the test's null (a); skipped
+            when the analysed weights are themselves a random init.
+        null_images: images (the first of the analysed ones) each random-init copy sees.
 
     Returns:
         An :class:`~probe.result.AnalysisResult` (``heads`` / ``layers`` DataFrames,
@@ -180,17 +196,60 @@ def analyze(
         "versions": _versions(),
         "runtime_s": time.perf_counter() - t0,
     }
-    return AnalysisResult(heads=heads, layers=layer_table, stats={s.layer: s for s in stats},
-                          geometry=geometry, meta=meta)
+    result = AnalysisResult(heads=heads, layers=layer_table, stats={s.layer: s for s in stats},
+                            geometry=geometry, meta=meta)
+    if fits or conv_test:
+        add_quadratic_fits(result, anisotropic=anisotropic)
+    if conv_test:
+        cfg = conv_config or ConvLikeConfig(seed=seed)
+        null = {}
+        if null_seeds > 0 and not resolved.weights.startswith("random init"):
+            null = _random_init_scores(
+                resolved, image_set, [l.index for l in selected], cfg, null_seeds, null_images,
+                batch_size=batch_size, device=device, seed=seed, prefix_tokens=prefix_tokens,
+                grid=grid, patch_size=patch_size, data_overrides=data_overrides)
+        add_conv_test(result, cfg, null)
+        meta["conv_null_seeds"] = len(next(iter(null.values()), []))
+        meta["conv_null_images"] = min(null_images, done) if null else 0
+    meta["runtime_s"] = time.perf_counter() - t0
+    return result
+
+
+def _random_init_scores(resolved: ResolvedModel, image_set: ImageSet, layers: list[int],
+                        config: ConvLikeConfig, n_seeds: int, n_images: int, **kw) -> dict[int, list[float]]:
+    """Conv-likeness scores of random-init copies of the architecture (null (a) of the test).
+
+    Each copy (seeds ``1000 + seed + i``) is analysed on the first ``n_images`` images with the
+    same layers, geometry options and fits; returns ``{layer: [score per seed]}``.
+    """
+    subset = ImageSet(list(image_set.items[:max(1, n_images)]), image_set.description)
+    scores: dict[int, list[float]] = {l: [] for l in layers}
+    base = 1000 + kw["seed"]
+    for i in range(n_seeds):
+        net = resolved.random_init(base + i)
+        twin = ResolvedModel(net, resolved.name, f"random init (seed {base + i})",
+                             resolved.num_params, resolved.pretrained_cfg, resolved.rebuild)
+        res = analyze(twin, ImageSet(list(subset.items), subset.description), layers=layers,
+                      n_bootstrap=0, conv_test=False, fits=True, **kw)
+        for layer, s in layer_scores(res.heads, config).items():
+            scores[layer].append(s)
+    return scores
 
 
 def _versions() -> dict[str, str]:
     import timm
 
-    return {
+    out = {
         "probe": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "timm": timm.__version__,
         "platform": platform.platform(),
     }
+    try:
+        import transformers
+
+        out["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return out

@@ -79,5 +79,5 @@ def attention_maps(center_maps: dict[int, np.ndarray], query_rc: tuple[int, int]
             if h == 0:
                 ax.set_ylabel(f"layer {layer}", fontsize=8)
     fig.suptitle("Mean attention of the query patch (red +) over the patch grid", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (1.6 * len(layers) + 0.4)))
     return to_data_uri(fig, dpi=90)

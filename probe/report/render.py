@@ -59,7 +59,9 @@ def render_report(
         "entropy": plots.entropy_vs_depth(heads, layers),
         "maps": plots.attention_maps(center_maps, query_rc),
     }
-    sections = [s for s in (extras.get("sections") or [])]
+    from .sections import build_sections
+
+    sections = build_sections(heads, meta, extras) + list(extras.get("sections") or [])
     return _env().get_template("report.html.j2").render(
         meta=meta,
         figures=figures,
