@@ -184,6 +184,21 @@ def test_planted_head_gets_all_importance_under_both_methods():
     assert r.info["ig_max_abs_convergence_delta"] < 1e-3
 
 
+def test_attribution_on_selected_layers_only():
+    m = planted_vit()
+    x = images(3)
+    full = attribute_heads(m, x, methods=["ablation"]).heads.set_index(["layer", "head"])
+    r = attribute_heads(m, x, methods=["ablation"], layers=[1])
+    assert r.info["layers"] == [1]
+    sub = r.heads.set_index(["layer", "head"])
+    assert list(sub.index) == [(1, h) for h in range(HEADS)]
+    # Ablation of one head does not depend on which other heads carry a gate.
+    torch.testing.assert_close(
+        torch.tensor(sub["importance_ablation"].to_numpy()),
+        torch.tensor(full.loc[sub.index, "importance_ablation"].to_numpy()),
+    )
+
+
 def test_given_labels_set_the_target():
     m = planted_vit()
     x = images(4)
