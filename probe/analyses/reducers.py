@@ -209,7 +209,7 @@ class LayerReducer:
         feats = torch.empty(b, h, len(FEATURES), device=a.device, dtype=torch.float32)
         feats[..., [0, 1, 4, 5, 6, 7, 8]] = (a_prime.reshape(b * h, -1) @ self._table(a.device)).reshape(b, h, -1)
         feats[..., 2] = -torch.special.xlogy(rows, rows).sum(-1).mean(-1)
-        feats[..., 3] = 1.0 - patch_mass.squeeze(-1).mean(-1)
+        feats[..., 3] = rows[..., :n_pre].sum(-1).mean(-1)
         feats64 = feats.double().cpu()
         attn_batch = a_prime.sum(0).double().cpu()
 

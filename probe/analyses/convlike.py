@@ -1,0 +1,766 @@
+"""Do the heads of a layer jointly act like a K x K convolution? A per-layer test.
+
+Claim under test (Cordonnier, Loukas & Jaggi, ICLR 2020, Theorem 1, Lemma 1, Fig. 4): a layer
+acts like a ``K x K`` convolution when its heads are *local* (large sharpness ``alpha``) and their
+attention centres ``Delta`` sit on *distinct* offsets of the ``K x K`` kernel grid around the
+query. The inputs are per-head quadratic-encoding fits (centre ``Delta = (row, col)`` in patches,
+``Delta = p_key - p_query``; sharpness ``alpha`` in 1/patch^2, or directly the radius ``r90``),
+e.g. from :mod:`probe.analyses.quadratic`; nothing here reads a model.
+
+Definitions (all documented defaults can be changed in :class:`ConvLikeConfig`):
+
+* **Kernel lattice** ``L_K = {-(K-1)/2, ..., (K-1)/2}^2`` (``K*K`` points, spacing 1 patch,
+  centred on the query). For odd ``K`` these are the paper's integer shifts
+  ``{-floor(K/2), ..., floor(K/2)}^2``; for even ``K`` they are half-integers, the centring
+  ConViT's ``local_init`` uses (d'Ascoli et al. 2021).
+* **Default K** (:func:`default_kernel_size`): ``sqrt(H)`` when the head count ``H >= 4`` is a
+  perfect square (Theorem 1 uses ``K^2`` heads), otherwise 3, the smallest odd kernel around
+  the query. A layer can cover at most ``n_target = min(H, K^2)`` lattice points, so DeiT-Tiny's
+  3 heads are asked to sit on 3 distinct points of the 3x3 lattice.
+* **Local head**: its attention holds ``mass`` (default 90 %) within ``r_local`` (default 2
+  patches) of its centre. For the isotropic quadratic encoding ``A ~ exp(-alpha ||d - Delta||^2)``
+  (a Gaussian with ``sigma^2 = 1/(2 alpha)``) the mass within ``r`` is ``1 - exp(-alpha r^2)``,
+  so ``r_mass = sqrt(-ln(1 - mass) / alpha)`` (:func:`radius_from_alpha`; ``r90 = sqrt(ln 10 /
+  alpha)``), i.e. local iff ``alpha >= ln 10 / r_local^2 = 0.576`` per patch^2 by default.
+  A radius measured on the attention maps can be passed instead (``LayerFit.r90``); prefer it
+  for trained models: a head with 90 % of its mass in a sharp peak and the rest spread far has
+  a small measured ``r90``, while the far tail dominates the variance and so shrinks a
+  moment/Gaussian-fit ``alpha``.
+* **Lattice assignment**: local heads are matched one-to-one to lattice points by
+  :func:`scipy.optimize.linear_sum_assignment`, maximising the summed similarity
+  ``k(d) = exp(-d^2 / (2 tau^2))`` of centre-to-point distance ``d`` (``tau = tolerance``,
+  default 0.25 patch). Reported: mean assigned distance, and the number of distinct points
+  *covered* (assigned head within ``cover_radius``, default 0.5 patch).
+* **Conv-likeness score** ``S = (1 / n_target) * sum_{matched pairs} k(d)`` in ``[0, 1]``.
+  ``S = 1`` iff ``n_target`` local heads sit exactly on distinct lattice points; non-local heads
+  contribute 0; two heads on the same point count once; a head half a spacing off counts
+  ``exp(-2) = 0.14``.
+
+Null distributions and verdict (:func:`convlike_test`):
+
+* Null (b), "lattice-free heads": each head keeps an ``alpha`` (or ``r90``) drawn without
+  replacement from its own layer's heads (``alpha_pool="layer"``, default) or from the pool of
+  all analysed layers' heads (``"model"``); its centre is redrawn uniformly in the kernel window
+  ``[-K/2, K/2]^2`` (``null="uniform"``, default) or jittered uniformly by +-1/2 spacing per
+  axis around the fitted centre (``null="jitter"``, tests only the fine alignment). The default
+  keeps the layer's locality so that the p-value tests the *arrangement* of the centres; with
+  ``"model"`` a layer that is merely more local than the model's average already scores above
+  its null (locality is judged separately, by the threshold). ``n_null`` Monte-Carlo draws give
+  the one-sided p-value ``(1 + #{S_null >= S}) / (n_null + 1)``; p-values are Holm-adjusted
+  over the layers (family-wise error; :func:`holm`). The smallest reachable adjusted p is
+  ``m / (n_null + 1)`` for ``m`` layers (12 layers, 9999 draws: 0.0012).
+* Null (a), "same architecture at random initialisation": scores of the same statistic on
+  random-init copies (computed by the pipeline), passed as per-layer arrays over seeds.
+* Effect size: ``(S - mean_null) / sd_null`` for each null.
+* Verdict per layer: ``"non-local"`` if fewer than ``ceil(min_local_fraction * H)`` heads are
+  local; ``"conv-like"`` if local and Holm-adjusted ``p < level`` and ``S >= min_score`` and
+  ``S`` exceeds every random-init score of that layer (when given); otherwise
+  ``"local but not grid"``.
+* Model verdict: the deepest layer up to which every analysed layer, from the first, is
+  conv-like (``None`` if the first is not).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from ..errors import ProbeError
+
+__all__ = [
+    "ConvLikeConfig",
+    "LayerFit",
+    "LatticeMatch",
+    "ConvLikeResult",
+    "default_kernel_size",
+    "kernel_lattice",
+    "radius_from_alpha",
+    "alpha_for_radius",
+    "local_heads",
+    "lattice_match",
+    "convlike_score",
+    "null_scores",
+    "holm",
+    "convlike_test",
+    "layer_fits_from_heads",
+]
+
+VERDICTS = ("conv-like", "local but not grid", "non-local")
+
+
+@dataclass(frozen=True)
+class ConvLikeConfig:
+    """Thresholds and null settings of the conv-likeness test (see the module docstring).
+
+    Attributes:
+        kernel_size: ``K``; None = :func:`default_kernel_size` per layer.
+        r_local: radius in patches within which a local head holds ``mass`` of its attention.
+        mass: attention mass defining the radius (0.9 -> ``r90``).
+        tolerance: ``tau`` in patches, width of the similarity ``exp(-d^2 / (2 tau^2))``.
+        cover_radius: a lattice point is covered when its assigned centre is closer (patches).
+        min_local_fraction: a layer is local when at least this fraction of heads is local.
+        min_score: smallest score called conv-like (practical significance).
+        level: family-wise significance level of the Holm-adjusted p-values.
+        n_null: Monte-Carlo draws of null (b).
+        null: ``"uniform"`` (centres uniform in the kernel window) or ``"jitter"``.
+        alpha_pool: ``"layer"`` (alphas permuted within the layer) or ``"model"`` (across all
+            analysed layers' heads).
+        n_uncertainty: draws for the score's uncertainty from standard errors.
+        seed: seed of all Monte-Carlo draws.
+    """
+
+    kernel_size: int | None = None
+    r_local: float = 2.0
+    mass: float = 0.9
+    tolerance: float = 0.25
+    cover_radius: float = 0.5
+    min_local_fraction: float = 0.5
+    min_score: float = 0.5
+    level: float = 0.01
+    n_null: int = 9999
+    null: str = "uniform"
+    alpha_pool: str = "layer"
+    n_uncertainty: int = 200
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kernel_size is not None and self.kernel_size < 1:
+            raise ProbeError(f"kernel size must be >= 1, got {self.kernel_size}")
+        if not self.r_local > 0:
+            raise ProbeError(f"r_local must be > 0 patches, got {self.r_local}")
+        if not 0 < self.mass < 1:
+            raise ProbeError(f"mass must be in (0, 1), got {self.mass}")
+        if not self.tolerance > 0 or not self.cover_radius > 0:
+            raise ProbeError("tolerance and cover_radius must be > 0 patches")
+        if not 0 <= self.min_local_fraction <= 1 or not 0 <= self.min_score <= 1:
+            raise ProbeError("min_local_fraction and min_score must be in [0, 1]")
+        if not 0 < self.level < 1:
+            raise ProbeError(f"level must be in (0, 1), got {self.level}")
+        if self.n_null < 1:
+            raise ProbeError(f"n_null must be >= 1, got {self.n_null}")
+        if self.null not in ("uniform", "jitter"):
+            raise ProbeError(f"null must be 'uniform' or 'jitter', got {self.null!r}")
+        if self.alpha_pool not in ("model", "layer"):
+            raise ProbeError(f"alpha_pool must be 'model' or 'layer', got {self.alpha_pool!r}")
+
+
+@dataclass(frozen=True)
+class LayerFit:
+    """Quadratic-encoding fit of one layer's heads: the input of the test.
+
+    Attributes:
+        delta: ``(H, 2)`` centres ``(row, col)`` in patches (``p_key - p_query``).
+        alpha: ``(H,)`` sharpness in 1/patch^2, or None when ``r90`` is given.
+        r90: ``(H,)`` radius in patches holding ``mass`` of the attention (used instead of
+            ``alpha`` when given; it may come from the attention maps directly).
+        delta_boot, alpha_boot, r90_boot: optional bootstrap replicates ``(R, H, 2)``/``(R, H)``.
+        delta_se, alpha_se, r90_se: optional standard errors ``(H, 2)``/``(H,)`` (used for a
+            parametric uncertainty when no replicates are given).
+    """
+
+    delta: np.ndarray
+    alpha: np.ndarray | None = None
+    r90: np.ndarray | None = None
+    delta_boot: np.ndarray | None = None
+    alpha_boot: np.ndarray | None = None
+    r90_boot: np.ndarray | None = None
+    delta_se: np.ndarray | None = None
+    alpha_se: np.ndarray | None = None
+    r90_se: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        d = _as_delta(self.delta)
+        object.__setattr__(self, "delta", d)
+        h = d.shape[0]
+        if self.alpha is None and self.r90 is None:
+            raise ProbeError("each layer needs alpha or r90 per head")
+        for name in ("alpha", "r90", "alpha_se", "r90_se"):
+            v = getattr(self, name)
+            if v is not None:
+                v = np.asarray(v, dtype=np.float64).reshape(-1)
+                if v.shape != (h,) or np.isnan(v).any():
+                    raise ProbeError(f"{name} must have shape ({h},) without NaN, got {v.shape}")
+                object.__setattr__(self, name, v)
+        if self.delta_se is not None:
+            se = np.asarray(self.delta_se, dtype=np.float64)
+            if se.shape != (h, 2):
+                raise ProbeError(f"delta_se must have shape ({h}, 2), got {se.shape}")
+            object.__setattr__(self, "delta_se", se)
+        if self.delta_boot is not None:
+            b = np.asarray(self.delta_boot, dtype=np.float64)
+            if b.ndim != 3 or b.shape[1:] != (h, 2):
+                raise ProbeError(f"delta_boot must have shape (R, {h}, 2), got {b.shape}")
+            object.__setattr__(self, "delta_boot", b)
+            for name in ("alpha_boot", "r90_boot"):
+                v = getattr(self, name)
+                if v is not None:
+                    v = np.asarray(v, dtype=np.float64)
+                    if v.shape != b.shape[:2]:
+                        raise ProbeError(f"{name} must have shape {b.shape[:2]}, got {v.shape}")
+                    object.__setattr__(self, name, v)
+
+    @property
+    def num_heads(self) -> int:
+        """Number of heads ``H``."""
+        return int(self.delta.shape[0])
+
+    def radius(self, mass: float = 0.9) -> np.ndarray:
+        """Per-head radius ``(H,)`` in patches holding ``mass``: ``r90`` if given, else from alpha."""
+        if self.r90 is not None:
+            return self.r90
+        return radius_from_alpha(self.alpha, mass)
+
+
+@dataclass(frozen=True)
+class LatticeMatch:
+    """Optimal one-to-one matching of local heads to kernel-lattice points.
+
+    Attributes:
+        score: conv-likeness ``S`` in ``[0, 1]``.
+        kernel_size: ``K``; n_target: ``min(H, K^2)``; n_local: local heads.
+        heads: ``(m,)`` matched head indices; points: ``(m, 2)`` their lattice points (patches).
+        distances: ``(m,)`` centre-to-point distances in patches.
+        similarity: ``(m,)`` ``exp(-d^2 / (2 tau^2))``.
+        n_covered: matched points with ``d < cover_radius``.
+        local: ``(H,)`` boolean local mask.
+    """
+
+    score: float
+    kernel_size: int
+    n_target: int
+    n_local: int
+    heads: np.ndarray
+    points: np.ndarray
+    distances: np.ndarray
+    similarity: np.ndarray
+    n_covered: int
+    local: np.ndarray
+
+    @property
+    def mean_distance(self) -> float:
+        """Mean distance of matched centres to their lattice points (patches); NaN if none."""
+        return float(self.distances.mean()) if self.distances.size else float("nan")
+
+
+def _as_delta(delta) -> np.ndarray:
+    d = np.asarray(delta, dtype=np.float64)
+    if d.ndim != 2 or d.shape[1] != 2 or d.shape[0] < 1:
+        raise ProbeError(f"delta must have shape (heads, 2) in patches, got {d.shape}")
+    if not np.isfinite(d).all():
+        raise ProbeError("delta has non-finite centres; drop or refit those heads")
+    return d
+
+
+def default_kernel_size(num_heads: int) -> int:
+    """Kernel size ``K`` tested for a layer with ``num_heads`` heads.
+
+    ``sqrt(H)`` when ``H >= 4`` is a perfect square (Theorem 1 of Cordonnier et al. 2020 uses
+    ``K^2`` heads; ConViT's local init lays ``H`` heads on a ``sqrt(H)`` grid), otherwise 3.
+
+    Raises:
+        ProbeError: if ``num_heads < 1``.
+    """
+    if num_heads < 1:
+        raise ProbeError(f"a layer needs at least one head, got {num_heads}")
+    k = math.isqrt(num_heads)
+    return k if num_heads >= 4 and k * k == num_heads else 3
+
+
+def kernel_lattice(kernel_size: int) -> np.ndarray:
+    """The centred ``K x K`` lattice of offsets, ``(K*K, 2)`` ``(row, col)`` in patches.
+
+    Points ``i - (K-1)/2`` for ``i = 0..K-1`` per axis, row-major: integers for odd ``K`` (the
+    shifts of Cordonnier et al. 2020, Sec. 3), half-integers for even ``K``.
+
+    Raises:
+        ProbeError: if ``kernel_size < 1``.
+    """
+    if kernel_size < 1:
+        raise ProbeError(f"kernel size must be >= 1, got {kernel_size}")
+    a = np.arange(kernel_size, dtype=np.float64) - (kernel_size - 1) / 2
+    r, c = np.meshgrid(a, a, indexing="ij")
+    return np.stack([r.reshape(-1), c.reshape(-1)], axis=1)
+
+
+def radius_from_alpha(alpha, mass: float = 0.9) -> np.ndarray:
+    """Radius (patches) holding ``mass`` of an isotropic quadratic-encoding head.
+
+    ``A(delta) ~ exp(-alpha ||delta - Delta||^2)`` is a 2-D Gaussian with
+    ``sigma^2 = 1 / (2 alpha)``; the mass within ``r`` of the centre is ``1 - exp(-alpha r^2)``,
+    so ``r = sqrt(-ln(1 - mass) / alpha)`` (``r90 = sigma sqrt(-2 ln 0.1)``). ``alpha <= 0``
+    gives ``inf``. Continuous approximation of the discrete patch grid.
+
+    Args:
+        alpha: array-like, 1/patch^2. mass: in ``(0, 1)``.
+
+    Returns:
+        float64 array of the shape of ``alpha``.
+    """
+    a = np.asarray(alpha, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.sqrt(-math.log1p(-mass) / a)
+    return np.where(a > 0, r, np.inf)
+
+
+def alpha_for_radius(radius: float, mass: float = 0.9) -> float:
+    """Smallest ``alpha`` (1/patch^2) whose ``mass`` radius is ``<= radius`` patches
+    (inverse of :func:`radius_from_alpha`): ``-ln(1 - mass) / radius^2``."""
+    return -math.log1p(-mass) / radius**2
+
+
+def local_heads(
+    alpha=None, *, r90=None, r_local: float = 2.0, mass: float = 0.9
+) -> np.ndarray:
+    """Which heads are local: ``mass`` of the attention within ``r_local`` patches of the centre.
+
+    Args:
+        alpha: ``(H,)`` sharpness (1/patch^2); ignored when ``r90`` is given.
+        r90: ``(H,)`` radius holding ``mass`` (patches), e.g. measured on the attention maps.
+        r_local: threshold radius in patches. mass: mass fraction (radius of ``alpha``).
+
+    Returns:
+        boolean array ``(H,)``.
+
+    Raises:
+        ProbeError: if neither ``alpha`` nor ``r90`` is given.
+    """
+    if r90 is not None:
+        r = np.asarray(r90, dtype=np.float64)
+    elif alpha is not None:
+        r = radius_from_alpha(alpha, mass)
+    else:
+        raise ProbeError("local_heads needs alpha or r90")
+    return r <= r_local
+
+
+def lattice_match(
+    delta,
+    local,
+    kernel_size: int,
+    *,
+    tolerance: float = 0.25,
+    cover_radius: float = 0.5,
+) -> LatticeMatch:
+    """Match the local heads' centres to the ``K x K`` lattice and score the match.
+
+    Maximises ``sum k(d)`` over one-to-one matchings (``scipy.optimize.linear_sum_assignment``,
+    ``k(d) = exp(-d^2 / (2 tolerance^2))``); ``score = sum k(d) / min(H, K^2)``.
+
+    Args:
+        delta: ``(H, 2)`` centres in patches. local: ``(H,)`` boolean local mask.
+        kernel_size: ``K``. tolerance, cover_radius: in patches (module docstring).
+
+    Returns:
+        a :class:`LatticeMatch`.
+
+    Raises:
+        ProbeError: on mismatched shapes.
+    """
+    d = _as_delta(delta)
+    loc = np.asarray(local, dtype=bool).reshape(-1)
+    if loc.shape[0] != d.shape[0]:
+        raise ProbeError(f"local mask has {loc.shape[0]} heads, delta has {d.shape[0]}")
+    lattice = kernel_lattice(kernel_size)
+    n_target = min(d.shape[0], lattice.shape[0])
+    idx = np.flatnonzero(loc)
+    if idx.size == 0:
+        empty = np.zeros(0)
+        return LatticeMatch(0.0, kernel_size, n_target, 0, idx, np.zeros((0, 2)), empty,
+                            empty, 0, loc)
+    dist = np.linalg.norm(d[idx, None, :] - lattice[None, :, :], axis=-1)
+    sim = np.exp(-(dist**2) / (2 * tolerance**2))
+    rows, cols = linear_sum_assignment(sim, maximize=True)
+    s = sim[rows, cols]
+    return LatticeMatch(
+        score=float(min(1.0, s.sum() / n_target)),
+        kernel_size=kernel_size,
+        n_target=n_target,
+        n_local=int(idx.size),
+        heads=idx[rows],
+        points=lattice[cols],
+        distances=dist[rows, cols],
+        similarity=s,
+        n_covered=int((dist[rows, cols] < cover_radius).sum()),
+        local=loc,
+    )
+
+
+def convlike_score(
+    delta,
+    alpha=None,
+    *,
+    r90=None,
+    kernel_size: int | None = None,
+    r_local: float = 2.0,
+    mass: float = 0.9,
+    tolerance: float = 0.25,
+) -> float:
+    """Conv-likeness score ``S`` in ``[0, 1]`` of one layer (module docstring).
+
+    Args:
+        delta: ``(H, 2)`` centres (patches). alpha: ``(H,)`` 1/patch^2, or r90: ``(H,)`` patches.
+        kernel_size: ``K`` (default :func:`default_kernel_size`). r_local, mass, tolerance: see
+            :class:`ConvLikeConfig`.
+
+    Returns:
+        the score, a float in ``[0, 1]``.
+
+    Raises:
+        ProbeError: on bad shapes or when neither alpha nor r90 is given.
+    """
+    d = _as_delta(delta)
+    k = kernel_size or default_kernel_size(d.shape[0])
+    loc = local_heads(alpha, r90=r90, r_local=r_local, mass=mass)
+    return lattice_match(d, loc, k, tolerance=tolerance).score
+
+
+def _scores_from_masks(centres: np.ndarray, masks: np.ndarray, k: int, tol: float) -> np.ndarray:
+    """Scores of draws: centres ``(n, H, 2)``, local masks ``(n, H)`` -> ``(n,)``."""
+    lattice = kernel_lattice(k)
+    n_target = min(centres.shape[1], lattice.shape[0])
+    dist2 = ((centres[:, :, None, :] - lattice[None, None]) ** 2).sum(-1)
+    sim = np.exp(-dist2 / (2 * tol**2)) * masks[:, :, None]
+    out = np.empty(centres.shape[0])
+    for i in range(centres.shape[0]):
+        r, c = linear_sum_assignment(sim[i], maximize=True)
+        out[i] = sim[i][r, c].sum()
+    return np.minimum(out / n_target, 1.0)
+
+
+def null_scores(
+    fit: LayerFit,
+    radius_pool: np.ndarray,
+    *,
+    kernel_size: int,
+    config: ConvLikeConfig = ConvLikeConfig(),
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """Monte-Carlo draws of the score under null (b), "lattice-free heads".
+
+    Each draw gives the layer's ``H`` heads radii drawn without replacement from ``radius_pool``
+    (mass radii in patches, i.e. permuted alphas) and centres uniform in the kernel window
+    ``[-K/2, K/2]^2`` (``config.null == "uniform"``) or the fitted centres jittered by
+    ``U(-1/2, 1/2)`` patch per axis (``"jitter"``).
+
+    Args:
+        fit: the layer. radius_pool: ``(N,)`` radii, ``N >= H``. kernel_size: ``K``.
+        config: thresholds and ``n_null``. rng: numpy generator (default seeded by config).
+
+    Returns:
+        float64 array ``(config.n_null,)`` of null scores.
+
+    Raises:
+        ProbeError: if the pool has fewer radii than the layer has heads.
+    """
+    rng = rng or np.random.default_rng(config.seed)
+    h = fit.num_heads
+    pool = np.asarray(radius_pool, dtype=np.float64).reshape(-1)
+    if pool.size < h:
+        raise ProbeError(f"radius pool has {pool.size} values, the layer has {h} heads")
+    n = config.n_null
+    keys = rng.random((n, pool.size))
+    picks = np.argsort(keys, axis=1)[:, :h]
+    masks = (pool[picks] <= config.r_local).astype(np.float64)
+    if config.null == "uniform":
+        centres = rng.uniform(-kernel_size / 2, kernel_size / 2, size=(n, h, 2))
+    else:
+        centres = fit.delta[None] + rng.uniform(-0.5, 0.5, size=(n, h, 2))
+    out = np.empty(n)
+    chunk = 2048
+    for s in range(0, n, chunk):
+        out[s : s + chunk] = _scores_from_masks(
+            centres[s : s + chunk], masks[s : s + chunk], kernel_size, config.tolerance
+        )
+    return out
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm (1979) step-down adjusted p-values, controlling the family-wise error rate.
+
+    Sort ``p_(1) <= ... <= p_(m)``; ``p~_(i) = max_{j <= i} min(1, (m - j + 1) p_(j))``.
+
+    Args:
+        pvalues: array-like ``(m,)`` in ``[0, 1]`` (NaN entries are kept as NaN and not counted).
+
+    Returns:
+        float64 array ``(m,)`` of adjusted p-values, in the input order.
+    """
+    p = np.asarray(pvalues, dtype=np.float64).reshape(-1)
+    out = np.full_like(p, np.nan)
+    ok = np.flatnonzero(~np.isnan(p))
+    m = ok.size
+    if m == 0:
+        return out
+    order = ok[np.argsort(p[ok], kind="stable")]
+    adj = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    out[order] = adj
+    return out
+
+
+def _score_uncertainty(fit: LayerFit, k: int, config: ConvLikeConfig, rng) -> np.ndarray:
+    """Score replicates from bootstrap replicates or parametric draws; empty if neither."""
+    h = fit.num_heads
+    if fit.delta_boot is not None:
+        deltas = fit.delta_boot
+        if fit.r90_boot is not None:
+            radii = fit.r90_boot
+        elif fit.alpha_boot is not None:
+            radii = radius_from_alpha(fit.alpha_boot, config.mass)
+        else:
+            radii = np.broadcast_to(fit.radius(config.mass), deltas.shape[:2])
+    elif fit.delta_se is not None or fit.alpha_se is not None or fit.r90_se is not None:
+        n = config.n_uncertainty
+        se = fit.delta_se if fit.delta_se is not None else np.zeros((h, 2))
+        deltas = fit.delta[None] + rng.normal(size=(n, h, 2)) * se[None]
+        if fit.r90 is not None:
+            rse = fit.r90_se if fit.r90_se is not None else np.zeros(h)
+            radii = np.abs(fit.r90[None] + rng.normal(size=(n, h)) * rse[None])
+        else:
+            ase = fit.alpha_se if fit.alpha_se is not None else np.zeros(h)
+            alphas = np.clip(fit.alpha[None] + rng.normal(size=(n, h)) * ase[None], 0, None)
+            radii = radius_from_alpha(alphas, config.mass)
+    else:
+        return np.zeros(0)
+    masks = (np.asarray(radii) <= config.r_local).astype(np.float64)
+    return _scores_from_masks(np.asarray(deltas), masks, k, config.tolerance)
+
+
+@dataclass
+class ConvLikeResult:
+    """Outcome of :func:`convlike_test`.
+
+    Attributes:
+        layers: ``pandas.DataFrame``, one row per layer (sorted), columns ``layer``,
+            ``conv_kernel_size``, ``conv_num_heads``, ``conv_n_target``, ``conv_n_local``,
+            ``conv_frac_local``, ``conv_score``, ``conv_score_se``, ``conv_score_lo``,
+            ``conv_score_hi`` (2.5/97.5 % of the score replicates; NaN without uncertainties),
+            ``conv_mean_distance`` (patches), ``conv_n_covered``, ``conv_null_mean``,
+            ``conv_null_sd``, ``conv_null_q95``, ``conv_effect_size``, ``conv_p_value``,
+            ``conv_p_holm``, ``conv_random_init_mean``, ``conv_random_init_max``,
+            ``conv_random_init_effect``, ``conv_verdict``.
+        heads: ``pandas.DataFrame``, one row per head: ``layer``, ``head``, ``conv_local``,
+            ``conv_radius`` (patches holding ``mass``), ``conv_lattice_row``,
+            ``conv_lattice_col`` (assigned lattice point, NaN if unmatched),
+            ``conv_lattice_distance`` (patches).
+        deepest_conv_layer: deepest layer up to which all analysed layers are conv-like
+            (None if the first analysed layer is not).
+        null_scores: ``{layer: (n_null,) array}`` of null (b).
+        random_init_scores: ``{layer: (seeds,) array}`` of null (a) (empty if not given).
+        config: the :class:`ConvLikeConfig` used.
+    """
+
+    layers: "object"
+    heads: "object"
+    deepest_conv_layer: int | None
+    null_scores: dict[int, np.ndarray] = field(default_factory=dict)
+    random_init_scores: dict[int, np.ndarray] = field(default_factory=dict)
+    config: ConvLikeConfig = field(default_factory=ConvLikeConfig)
+
+    @property
+    def conv_like_layers(self) -> list[int]:
+        """Layers judged conv-like, ascending."""
+        t = self.layers
+        return [int(v) for v in t.loc[t["conv_verdict"] == "conv-like", "layer"]]
+
+    def summary(self) -> str:
+        """One paragraph stating the claim and the verdict, for reports."""
+        c = self.config
+        n = len(self.layers)
+        like = self.conv_like_layers
+        if self.deepest_conv_layer is None:
+            head = "The convolution claim does not hold from the first analysed layer"
+        else:
+            head = (
+                "Layers up to "
+                f"{self.deepest_conv_layer} act like K x K convolutions (Cordonnier et al. 2020)"
+            )
+        later = [l for l in like if self.deepest_conv_layer is None or l > self.deepest_conv_layer]
+        tail = f"; later conv-like layers: {later}" if later else ""
+        return (
+            f"{head}{tail}. {len(like)} of {n} layers conv-like at family-wise level {c.level} "
+            f"(Holm), score >= {c.min_score}, local = {int(c.mass * 100)}% of attention within "
+            f"{c.r_local} patches."
+        )
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary: config, deepest layer, per-layer rows."""
+        return {
+            "config": asdict(self.config),
+            "deepest_conv_layer": self.deepest_conv_layer,
+            "layers": self.layers.to_dict(orient="records"),
+        }
+
+
+def convlike_test(
+    fits: Mapping[int, LayerFit] | Sequence[LayerFit],
+    *,
+    random_init: Mapping[int, Sequence[float]] | Sequence[Sequence[float]] | None = None,
+    config: ConvLikeConfig = ConvLikeConfig(),
+) -> ConvLikeResult:
+    """Per-layer conv-likeness test and model verdict (module docstring).
+
+    Args:
+        fits: ``{layer: LayerFit}`` (or a sequence, indexed 0..n-1) of the trained model.
+        random_init: null (a), ``{layer: scores over seeds}`` (or a sequence aligned with
+            ``fits``): :func:`convlike_score` of the same layer of random-init copies of the
+            architecture, fitted the same way. Layers without it skip that requirement.
+        config: thresholds and null settings.
+
+    Returns:
+        a :class:`ConvLikeResult`.
+
+    Raises:
+        ProbeError: on no layers, bad shapes, or ``random_init`` naming unknown layers.
+    """
+    import pandas as pd
+
+    if not isinstance(fits, Mapping):
+        fits = dict(enumerate(fits))
+    if not fits:
+        raise ProbeError("convlike_test needs at least one layer")
+    fits = {int(k): v for k, v in sorted(fits.items())}
+    for k, v in fits.items():
+        if not isinstance(v, LayerFit):
+            raise ProbeError(f"layer {k}: expected a LayerFit, got {type(v).__name__}")
+    if random_init is None:
+        ri: dict[int, np.ndarray] = {}
+    elif isinstance(random_init, Mapping):
+        ri = {int(k): np.asarray(v, dtype=np.float64).reshape(-1) for k, v in random_init.items()}
+    else:
+        if len(random_init) != len(fits):
+            raise ProbeError(
+                f"random_init has {len(random_init)} layers, the model has {len(fits)}"
+            )
+        ri = {k: np.asarray(v, dtype=np.float64).reshape(-1) for k, v in zip(fits, random_init)}
+    unknown = sorted(set(ri) - set(fits))
+    if unknown:
+        raise ProbeError(f"random_init names layers {unknown} that were not analysed")
+
+    rng = np.random.default_rng(config.seed)
+    model_pool = np.concatenate([f.radius(config.mass) for f in fits.values()])
+    rows, head_rows, nulls = [], [], {}
+    for layer, fit in fits.items():
+        h = fit.num_heads
+        k = config.kernel_size or default_kernel_size(h)
+        radius = fit.radius(config.mass)
+        match = lattice_match(
+            fit.delta, radius <= config.r_local, k,
+            tolerance=config.tolerance, cover_radius=config.cover_radius,
+        )
+        pool = model_pool if config.alpha_pool == "model" else radius
+        null = null_scores(fit, pool, kernel_size=k, config=config, rng=rng)
+        nulls[layer] = null
+        p = (1 + np.count_nonzero(null >= match.score - 1e-12)) / (null.size + 1)
+        reps = _score_uncertainty(fit, k, config, rng)
+        sd = float(null.std(ddof=1)) if null.size > 1 else float("nan")
+        r = ri.get(layer, np.zeros(0))
+        r_sd = float(r.std(ddof=1)) if r.size > 1 else float("nan")
+        rows.append(
+            dict(
+                layer=layer,
+                conv_kernel_size=k,
+                conv_num_heads=h,
+                conv_n_target=match.n_target,
+                conv_n_local=match.n_local,
+                conv_frac_local=match.n_local / h,
+                conv_score=match.score,
+                conv_score_se=float(reps.std(ddof=1)) if reps.size > 1 else float("nan"),
+                conv_score_lo=float(np.quantile(reps, 0.025)) if reps.size else float("nan"),
+                conv_score_hi=float(np.quantile(reps, 0.975)) if reps.size else float("nan"),
+                conv_mean_distance=match.mean_distance,
+                conv_n_covered=match.n_covered,
+                conv_null_mean=float(null.mean()),
+                conv_null_sd=sd,
+                conv_null_q95=float(np.quantile(null, 0.95)),
+                conv_effect_size=(match.score - null.mean()) / sd if sd > 0 else float("nan"),
+                conv_p_value=p,
+                conv_random_init_mean=float(r.mean()) if r.size else float("nan"),
+                conv_random_init_max=float(r.max()) if r.size else float("nan"),
+                conv_random_init_effect=(
+                    (match.score - r.mean()) / r_sd if r.size > 1 and r_sd > 0 else float("nan")
+                ),
+            )
+        )
+        assigned = {int(hd): (pt, dd) for hd, pt, dd in
+                    zip(match.heads, match.points, match.distances)}
+        for hd in range(h):
+            pt, dd = assigned.get(hd, (np.array([np.nan, np.nan]), np.nan))
+            head_rows.append(
+                dict(
+                    layer=layer,
+                    head=hd,
+                    conv_local=bool(match.local[hd]),
+                    conv_radius=float(radius[hd]),
+                    conv_lattice_row=float(pt[0]),
+                    conv_lattice_col=float(pt[1]),
+                    conv_lattice_distance=float(dd),
+                )
+            )
+    table = pd.DataFrame(rows)
+    table["conv_p_holm"] = holm(table["conv_p_value"].to_numpy())
+    verdicts = []
+    for row in table.itertuples():
+        if row.conv_n_local < max(1, math.ceil(config.min_local_fraction * row.conv_num_heads)):
+            verdicts.append("non-local")
+            continue
+        beats_random = not (row.conv_random_init_max >= row.conv_score)  # NaN -> no requirement
+        ok = row.conv_p_holm < config.level and row.conv_score >= config.min_score
+        verdicts.append("conv-like" if ok and beats_random else "local but not grid")
+    table["conv_verdict"] = verdicts
+    deepest = None
+    for row in table.itertuples():
+        if row.conv_verdict != "conv-like":
+            break
+        deepest = int(row.layer)
+    return ConvLikeResult(
+        layers=table,
+        heads=pd.DataFrame(head_rows),
+        deepest_conv_layer=deepest,
+        null_scores=nulls,
+        random_init_scores=ri,
+        config=config,
+    )
+
+
+def layer_fits_from_heads(
+    heads,
+    *,
+    layer: str = "layer",
+    delta: tuple[str, str] = ("delta_row", "delta_col"),
+    alpha: str | None = "alpha",
+    r90: str | None = None,
+    delta_se: tuple[str, str] | None = None,
+    alpha_se: str | None = None,
+) -> dict[int, LayerFit]:
+    """Build :class:`LayerFit` per layer from a heads table (one row per head).
+
+    Args:
+        heads: ``pandas.DataFrame`` with a layer column and per-head fit columns, rows in head
+            order within each layer.
+        layer, delta, alpha, r90, delta_se, alpha_se: column names (None = not used); at least
+            one of ``alpha`` and ``r90`` must be given and present.
+
+    Returns:
+        ``{layer: LayerFit}``.
+
+    Raises:
+        ProbeError: naming a missing column.
+    """
+    cols = [layer, *delta] + [c for c in (alpha, r90, alpha_se) if c] + list(delta_se or ())
+    missing = [c for c in cols if c not in heads.columns]
+    if missing:
+        raise ProbeError(f"heads table lacks columns {missing}; run the quadratic fit first")
+    out = {}
+    for lay, g in heads.groupby(layer, sort=True):
+        out[int(lay)] = LayerFit(
+            delta=g[list(delta)].to_numpy(),
+            alpha=g[alpha].to_numpy() if alpha else None,
+            r90=g[r90].to_numpy() if r90 else None,
+            delta_se=g[list(delta_se)].to_numpy() if delta_se else None,
+            alpha_se=g[alpha_se].to_numpy() if alpha_se else None,
+        )
+    return out

@@ -1,0 +1,146 @@
+"""Command line: ``probe analyze --model NAME [--weights FILE] [--images DIR|FILE|GLOB] ...``."""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .errors import ProbeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="probe — what did these attention heads learn?")
+console = Console(stderr=True)
+
+
+@app.callback()
+def main() -> None:
+    """Analyse the attention heads of trained vision transformers."""
+
+
+def _parse_grid(text: Optional[str]) -> Optional[tuple[int, int]]:
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*[xX×,]\s*(\d+)\s*", text)
+    if not m:
+        raise ProbeError(f"malformed --grid {text!r}: use ROWSxCOLS, e.g. 14x14")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _parse_floats(text: Optional[str], n: int, option: str) -> Optional[tuple[float, ...]]:
+    if text is None:
+        return None
+    try:
+        vals = tuple(float(v) for v in re.split(r"[,\s]+", text.strip()) if v)
+    except ValueError:
+        vals = ()
+    if len(vals) == 1 and n > 1:
+        vals = vals * n
+    if len(vals) != n:
+        raise ProbeError(f"malformed {option} {text!r}: give {n} comma-separated numbers")
+    return vals
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
+
+
+@app.command()
+def analyze(
+    model: str = typer.Option(..., "--model", "-m", help="timm name or alias (vit_small, deit_tiny, ...), package.module:factory, or hf:FOLDER / hf:ORG/NAME (Hugging Face)"),
+    weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="local checkpoint: .safetensors, or .pth/.pt read with weights_only=True"),
+    random_init: bool = typer.Option(False, "--random-init", help="analyse untrained weights (explicit opt-in)"),
+    images: Optional[str] = typer.Option(None, "--images", "-i", help="folder, file or glob; default: scikit-learn's two sample photos"),
+    layers: str = typer.Option("all", "--layers", "-l", help="'all', a range '0-4' or a list '0,2,5'"),
+    num_images: Optional[int] = typer.Option(None, "--num-images", "-n", help="analyse at most N images (seeded random subset)"),
+    batch_size: int = typer.Option(16, "--batch-size", "-b"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    amp: bool = typer.Option(False, "--amp", help="bf16 autocast on CUDA"),
+    seed: int = typer.Option(0, "--seed"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder; default reports/<model>-<timestamp>/"),
+    prefix_tokens: Optional[int] = typer.Option(None, "--prefix-tokens", help="number of prefix tokens (class, distillation, registers)"),
+    grid: Optional[str] = typer.Option(None, "--grid", help="patch grid ROWSxCOLS"),
+    patch_size: Optional[float] = typer.Option(None, "--patch-size", help="pixels per token"),
+    input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W of the model input"),
+    mean: Optional[str] = typer.Option(None, "--mean", help="per-channel normalisation mean"),
+    std: Optional[str] = typer.Option(None, "--std", help="per-channel normalisation std"),
+    fits: bool = typer.Option(True, "--fits/--no-fits", help="fit each head's quadratic-encoding centre Δ and sharpness α"),
+    anisotropic: bool = typer.Option(False, "--anisotropic", help="also fit the full 2x2 covariance form"),
+    conv_test: bool = typer.Option(True, "--conv-test/--no-conv-test", help="test whether layers act like KxK convolutions"),
+    null_seeds: int = typer.Option(3, "--null-seeds", help="random-init copies for the conv test's null (0: skip)"),
+    null_images: int = typer.Option(8, "--null-images", help="images each random-init copy sees"),
+    local_radius: float = typer.Option(2.0, "--local-radius", help="a head is local when 90% of its attention lies within this many patches of its centre"),
+    kernel_size: Optional[int] = typer.Option(None, "--kernel-size", help="K of the KxK lattice (default sqrt(heads) if a square >= 4, else 3)"),
+    conv_level: float = typer.Option(0.01, "--conv-level", help="family-wise significance level (Holm) of the conv test"),
+) -> None:
+    """Capture attention, compute per-head statistics and write report.html and heads.csv."""
+    from .analyses.convlike import ConvLikeConfig
+    from .pipeline import analyze as run_analysis
+
+    try:
+        overrides = {}
+        size = _parse_floats(input_size, 3, "--input-size")
+        if size is not None:
+            overrides["input_size"] = tuple(int(v) for v in size)
+        channels = overrides.get("input_size", (3,))[0]
+        for key, text in (("mean", mean), ("std", std)):
+            vals = _parse_floats(text, channels, f"--{key}")
+            if vals is not None:
+                overrides[key] = vals
+        out_dir = out or Path("reports") / f"{_safe_name(model)}-{time.strftime('%Y%m%d-%H%M%S')}"
+        with Progress(TextColumn("[bold]images"), BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn(), console=console, transient=False) as bar:
+            task = bar.add_task("images", total=None)
+
+            def progress(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", UserWarning)
+                result = run_analysis(
+                    model, images, layers=layers, weights=weights, random_init=random_init,
+                    num_images=num_images, batch_size=batch_size, device=device, amp=amp,
+                    seed=seed, prefix_tokens=prefix_tokens, grid=_parse_grid(grid),
+                    patch_size=patch_size, data_overrides=overrides, progress=progress,
+                    fits=fits, anisotropic=anisotropic, conv_test=conv_test and fits,
+                    conv_config=ConvLikeConfig(kernel_size=kernel_size, r_local=local_radius,
+                                               level=conv_level, seed=seed),
+                    null_seeds=null_seeds, null_images=null_images,
+                )
+        for w in caught:
+            if "unreadable image" in str(w.message):
+                console.print(f"[yellow]warning:[/] {w.message}")
+        report = result.write_report(out_dir)
+    except ProbeError as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    _summary(result)
+    console.print(f"report: {report}\nheads table: {report.parent / 'heads.csv'}")
+
+
+def _summary(result) -> None:
+    meta = result.meta
+    t = Table(title=f"{meta['model']} — {meta['num_images']} images, weights: {meta['weights']}")
+    for col in ("layer", "heads", "mean dist px (min–max)", "uniform px", "entropy nats", "prefix mass"):
+        t.add_column(col, justify="right")
+    for _, r in result.layers.iterrows():
+        t.add_row(str(int(r.layer)), str(int(r.heads)),
+                  f"{r.mean_distance_px:.1f} ({r.min_distance_px:.1f}–{r.max_distance_px:.1f})",
+                  f"{r.uniform_distance_px:.1f}", f"{r.entropy_nats:.3f}", f"{r.prefix_mass:.3f}")
+    Console().print(t)
+    cl = result.extras.get("convlike")
+    if cl is not None:
+        verdicts = ", ".join(f"{int(r.layer)}: {r.conv_verdict}" for _, r in cl.layers.iterrows())
+        Console().print(f"conv test — {cl.summary()}\n  per layer: {verdicts}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,178 @@
+"""Images in: files, folders or globs, read lazily in batches with the model's eval transform.
+
+Memory is one batch of images at a time. Unreadable files are skipped with a warning and counted.
+Without images, the two sample photos shipped inside scikit-learn (``china.jpg``, ``flower.jpg``)
+are used: they need no download.
+"""
+
+from __future__ import annotations
+
+import glob
+import random
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ProbeError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+DEFAULT_IMAGES = "scikit-learn sample photos (china.jpg, flower.jpg)"
+
+
+@dataclass
+class ImageSet:
+    """An ordered list of images to analyse.
+
+    Attributes:
+        items: file paths, or ``(name, PIL.Image)`` pairs for in-memory images.
+        description: where the images came from, for the report.
+        skipped: names of files that could not be read (filled while iterating).
+    """
+
+    items: list[Any]
+    description: str
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def names(self) -> list[str]:
+        """File names (or given names) of the items."""
+        return [str(i[0]) if isinstance(i, tuple) else str(i) for i in self.items]
+
+
+def _expand(source: str | Path) -> list[Path]:
+    p = Path(source)
+    if p.is_dir():
+        return sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+    if p.is_file():
+        return [p]
+    hits = sorted(Path(h) for h in glob.glob(str(source), recursive=True) if Path(h).is_file())
+    if not hits and not any(ch in str(source) for ch in "*?["):
+        raise ProbeError(f"image path {str(source)!r} does not exist; pass a folder, file or glob to --images")
+    return hits
+
+
+def default_images() -> ImageSet:
+    """The scikit-learn sample photos, as an :class:`ImageSet` of two in-memory images."""
+    from sklearn.datasets import load_sample_images
+
+    data = load_sample_images()
+    items = []
+    for fname, arr in zip(data.filenames, data.images):
+        items.append((Path(fname).name, Image.fromarray(arr)))
+    return ImageSet(items, DEFAULT_IMAGES)
+
+
+def collect_images(
+    images: str | Path | Sequence[str | Path] | None,
+    num_images: int | None = None,
+    seed: int = 0,
+) -> ImageSet:
+    """Resolve ``images`` to an :class:`ImageSet`.
+
+    Args:
+        images: a folder (searched recursively), a file, a glob, a list of those, a list of
+            ``PIL.Image``, or ``None`` for the embedded default photos.
+        num_images: keep at most this many; when fewer than available, a seeded random subset
+            (in sorted order) is taken so that a subset is not one class of a sorted folder.
+        seed: seed of that subset.
+
+    Raises:
+        ProbeError: for ``num_images < 1``, a missing path, or no image files.
+    """
+    if num_images is not None and num_images < 1:
+        raise ProbeError(f"--num-images must be at least 1, got {num_images}")
+    if images is None:
+        found = default_images()
+    elif isinstance(images, (list, tuple)) and images and isinstance(images[0], Image.Image):
+        found = ImageSet([(f"image_{i}", im) for i, im in enumerate(images)], f"{len(images)} in-memory images")
+    else:
+        sources = [images] if isinstance(images, (str, Path)) else list(images)
+        paths: list[Path] = []
+        for s in sources:
+            paths.extend(_expand(s))
+        if not paths:
+            raise ProbeError(
+                f"no image files found in {', '.join(map(str, sources))}; --images needs a folder, "
+                f"file or glob with {', '.join(sorted(IMAGE_SUFFIXES)[:5])}, ... files"
+            )
+        desc = ", ".join(map(str, sources))
+        found = ImageSet(list(paths), desc)
+    if num_images is not None and num_images < len(found.items):
+        idx = sorted(random.Random(seed).sample(range(len(found.items)), num_images))
+        found = ImageSet([found.items[i] for i in idx], found.description)
+    return found
+
+
+def _open(item: Any, mode: str) -> Image.Image:
+    if isinstance(item, tuple):
+        return item[1].convert(mode)
+    with Image.open(item) as im:
+        return im.convert(mode)
+
+
+def iter_batches(
+    images: ImageSet,
+    transform: Callable[[Image.Image], torch.Tensor],
+    batch_size: int,
+    mode: str = "RGB",
+) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """Yield ``(batch (B, C, H, W) float32, names)`` reading lazily, one batch in memory.
+
+    Unreadable files are skipped with a ``UserWarning`` and appended to ``images.skipped``.
+
+    Raises:
+        ProbeError: if ``batch_size < 1`` or no image at all could be read.
+    """
+    if batch_size < 1:
+        raise ProbeError(f"--batch-size must be at least 1, got {batch_size}")
+    buf: list[torch.Tensor] = []
+    names: list[str] = []
+    n_ok = 0
+    for item in images.items:
+        name = str(item[0]) if isinstance(item, tuple) else str(item)
+        try:
+            img = _open(item, mode)
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            images.skipped.append(name)
+            warnings.warn(f"skipping unreadable image {name}: {e}", stacklevel=2)
+            continue
+        buf.append(transform(img))
+        names.append(name)
+        n_ok += 1
+        if len(buf) == batch_size:
+            yield torch.stack(buf), names
+            buf, names = [], []
+    if buf:
+        yield torch.stack(buf), names
+    if n_ok == 0:
+        raise ProbeError(
+            f"none of the {len(images.items)} image file(s) in {images.description} could be read "
+            f"({len(images.skipped)} unreadable); pass a folder of JPEG/PNG images to --images"
+        )
+
+
+def eval_transform(model: torch.nn.Module, overrides: dict[str, Any] | None = None) -> tuple[Callable, dict]:
+    """The model's own eval transform (timm data config), with optional overrides.
+
+    Args:
+        model: the model; its ``pretrained_cfg`` (timm convention: ``input_size``, ``mean``,
+            ``std``, ``interpolation``, ``crop_pct``) is read when present.
+        overrides: values replacing those of the config (e.g. ``{"input_size": (1, 32, 32)}``).
+
+    Returns:
+        ``(transform, data_config)``; the transform maps a PIL image to ``(C, H, W)`` float32.
+    """
+    from timm.data import create_transform, resolve_data_config
+
+    args = dict(overrides or {})
+    cfg = resolve_data_config(args, model=model)
+    cfg.update({k: v for k, v in args.items() if v is not None})
+    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    tf = create_transform(**{k: cfg[k] for k in keys if k in cfg}, is_training=False)
+    return tf, cfg

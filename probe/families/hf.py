@@ -1,0 +1,625 @@
+"""Hugging Face ``transformers`` vision transformers: ViT, DeiT (distilled), DINOv2, DINOv2 with
+registers.
+
+Optional extra ``probe[hf]``. This module imports ``transformers`` only inside its functions, so
+importing it (which registers :class:`HFEagerAttentionRule`) costs nothing and never fails when
+``transformers`` is missing.
+
+Model names (``--model``):
+
+* ``hf:FOLDER`` — a local folder written by ``save_pretrained`` (``config.json`` plus
+  ``model.safetensors``, or a weights-only ``pytorch_model.bin``); a folder whose ``config.json``
+  has a ``model_type`` is also recognised without the ``hf:`` prefix.
+* ``hf:ORG/NAME`` — a model id on the Hugging Face hub, downloaded when the hub is reachable, else
+  read from the local Hugging Face cache, else a :class:`~probe.errors.ProbeError` naming the
+  local-folder option.
+
+Loading never executes code from a checkpoint: ``trust_remote_code=False`` and, where the installed
+``transformers`` has the switch, ``weights_only=True`` for ``.bin`` files. Models are loaded with
+eager attention (``attn_implementation="eager"``) and in float32; the capture rule also forces eager
+attention while it is installed, so an in-memory model built with SDPA (which returns no attention
+probabilities) is captured too, and its setting is restored afterwards.
+
+Token layout (prefix tokens first, then the patch grid in row-major order):
+
+* ViT (Dosovitskiy et al. 2021, arXiv 2010.11929): 1 prefix token (class).
+* DeiT (Touvron et al. 2021, arXiv 2012.12877): 2 prefix tokens (class, distillation) — the
+  ``transformers`` DeiT embeddings always carry the distillation token.
+* DINOv2 (Oquab et al. 2023, arXiv 2304.07193): 1 prefix token (class).
+* DINOv2 with registers (Darcet et al. 2024, arXiv 2309.16588): 1 + ``num_register_tokens``
+  (class, then the registers).
+
+The input transform comes from the folder's ``preprocessor_config.json`` when there is one (see
+:func:`data_config_from_processor`), else from the model config's ``image_size`` with the family's
+reference normalisation (:data:`FAMILY_NORMALIZATION`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..capture import CaptureRule, Emit, Restore, register_rule
+from ..errors import CaptureError, ProbeError
+
+#: ``config.model_type`` of the supported families -> display name.
+SUPPORTED_FAMILIES: dict[str, str] = {
+    "vit": "ViT",
+    "deit": "DeiT",
+    "dinov2": "DINOv2",
+    "dinov2_with_registers": "DINOv2 with registers",
+}
+
+#: ``(mean, std, interpolation)`` per family, used only when a model has no
+#: ``preprocessor_config.json``: ViT's 0.5 normalisation and bilinear resizing (google/vit
+#: checkpoints); ImageNet mean/std and bicubic resizing for DeiT and DINOv2 (their reference
+#: training pipelines). ``--mean``/``--std`` override them.
+FAMILY_NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...], str]] = {
+    "vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear"),
+    "deit": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic"),
+    "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic"),
+    "dinov2_with_registers": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic"),
+}
+
+#: PIL resampling codes (``PIL.Image.Resampling``) -> timm interpolation names.
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+_PREFIX = "hf:"
+_HF_INSTALL_HINT = "install the Hugging Face extra: pip install 'probe[hf]'"
+
+
+# --------------------------------------------------------------------------------------------
+# capture
+
+
+class HFEagerAttentionRule(CaptureRule):
+    """Self-attention modules of ``transformers`` ViT, DeiT, DINOv2 and DINOv2 with registers.
+
+    Matches the modules named ``*Attention`` in those families' modeling files that project
+    queries and keys with ``q_proj`` / ``k_proj`` (``ViTAttention``, ``DeiTAttention``,
+    ``Dinov2Attention``, ``Dinov2WithRegistersAttention``). Their forward returns
+    ``(output, attention_probabilities)``, the probabilities ``softmax(q k^T / sqrt(d_head))`` of
+    shape ``(batch, heads, tokens, tokens)`` — but only under eager attention: SDPA and flash
+    attention return ``None``. While installed, the rule sets the module's
+    ``config._attn_implementation`` to ``"eager"`` (the config is shared by all layers of a
+    model) and a forward hook emits the probabilities; uninstalling restores the previous
+    implementation.
+
+    Raises (during the forward pass):
+        CaptureError: if the module still returns no attention probabilities.
+    """
+
+    name = "hf-eager-attention"
+
+    def matches(self, module: nn.Module) -> bool:
+        cls = type(module)
+        parts = cls.__module__.split(".")
+        return (
+            len(parts) >= 3
+            and parts[0] == "transformers"
+            and parts[1] == "models"
+            and parts[2] in SUPPORTED_FAMILIES
+            and cls.__name__.endswith("Attention")
+            and hasattr(module, "config")
+            and isinstance(getattr(module, "q_proj", None), nn.Linear)
+            and isinstance(getattr(module, "k_proj", None), nn.Linear)
+        )
+
+    def install(self, module: nn.Module, emit: Emit) -> Restore:
+        config = module.config
+        old = getattr(config, "_attn_implementation", None)
+        if old != "eager":
+            config._attn_implementation = "eager"
+
+        def hook(mod: nn.Module, args: Any, out: Any) -> None:
+            probs = out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else None
+            if not isinstance(probs, torch.Tensor):
+                import transformers
+
+                raise CaptureError(
+                    f"{type(mod).__name__} returned no attention probabilities even with eager "
+                    f"attention (transformers {transformers.__version__}); use a transformers "
+                    "release whose attention modules return (output, attention weights), e.g. "
+                    "pip install -U 'probe[hf]'"
+                )
+            emit(probs)
+
+        handle = module.register_forward_hook(hook)
+
+        def restore() -> None:
+            handle.remove()
+            if old != "eager":
+                config._attn_implementation = old
+
+        return restore
+
+
+register_rule(HFEagerAttentionRule())
+
+
+# --------------------------------------------------------------------------------------------
+# recognising Hugging Face models
+
+
+def is_hf_model(module: Any) -> bool:
+    """True for a ``transformers`` ``PreTrainedModel`` instance (checked without importing
+    ``transformers``)."""
+    return (
+        isinstance(module, nn.Module)
+        and type(module).__module__.startswith("transformers.")
+        and hasattr(module, "config")
+        and hasattr(module, "base_model")
+    )
+
+
+def _is_hf_folder(path: Path) -> bool:
+    cfg = path / "config.json"
+    if not (path.is_dir() and cfg.is_file()):
+        return False
+    try:
+        return "model_type" in json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def handles(model: Any) -> bool:
+    """True if ``model`` is for this module: an ``hf:`` name, a local folder whose
+    ``config.json`` names a ``transformers`` ``model_type``, or a ``transformers`` model."""
+    if isinstance(model, str):
+        return model.startswith(_PREFIX) or _is_hf_folder(Path(model).expanduser())
+    if isinstance(model, Path):
+        return _is_hf_folder(model.expanduser())
+    return is_hf_model(model)
+
+
+_MODEL_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(@[\w./-]+)?$")
+
+
+def _locate(target: str) -> tuple[Path | None, str]:
+    """``(local folder, model id)``: one of them is set.
+
+    Raises:
+        ProbeError: for a path that does not exist, a folder without ``config.json``, or a string
+            that is neither a folder nor a valid model id.
+    """
+    if not target:
+        raise ProbeError("--model hf: needs a local folder or a model id after 'hf:', e.g. hf:./my-vit")
+    path = Path(target).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ProbeError(
+                f"folder {str(path)!r} has no config.json; --model hf:FOLDER needs a folder written "
+                "by save_pretrained (config.json and model.safetensors)"
+            )
+        return path, ""
+    looks_like_path = target.startswith((".", "/", "~", "\\")) or target.count("/") > 1 or path.exists()
+    if looks_like_path or not _MODEL_ID.match(target):
+        raise ProbeError(
+            f"{target!r} is not a folder (and not a hub model id ORG/NAME); --model hf:FOLDER needs "
+            "an existing folder with config.json and model.safetensors"
+        )
+    return None, target
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence ``transformers``' load reports and progress bars, restoring them afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _short(e: BaseException, n: int = 200) -> str:
+    s = " ".join(str(e).split())
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def _model_class(config: Any) -> Any:
+    """The ``transformers`` class to build: the checkpoint's own architecture when it is a
+    ``transformers`` model class (never code from the checkpoint), else
+    ``AutoModelForImageClassification``, else ``AutoModel``."""
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, str(arch), None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+    for auto in (transformers.AutoModelForImageClassification, transformers.AutoModel):
+        mapping = getattr(auto, "_model_mapping", None)
+        try:
+            cls = mapping[type(config)] if mapping is not None else None
+        except (KeyError, ValueError):
+            cls = None
+        if isinstance(cls, (tuple, list)):
+            cls = cls[0] if cls else None
+        if isinstance(cls, type):
+            return cls
+    raise ProbeError(
+        f"transformers has no model class for model_type {getattr(config, 'model_type', '?')!r}; "
+        f"supported: {', '.join(SUPPORTED_FAMILIES)}"
+    )
+
+
+def _load_kwargs(cls: Any) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": False, "attn_implementation": "eager"}
+    params = inspect.signature(cls.from_pretrained).parameters
+    if "weights_only" in params:
+        kwargs["weights_only"] = True
+    else:  # older transformers: only safetensors guarantee that no pickled code runs
+        kwargs["use_safetensors"] = True
+    return kwargs
+
+
+def _processor_dict(source: str, local_only: bool, revision: dict | None = None) -> dict[str, Any] | None:
+    """The ``preprocessor_config.json`` of a folder or (cached / reachable) model id, if any."""
+    path = Path(source) / "preprocessor_config.json"
+    if not path.is_file():
+        try:
+            from transformers.utils import cached_file
+
+            hit = cached_file(source, "preprocessor_config.json", local_files_only=local_only,
+                              _raise_exceptions_for_missing_entries=False, **(revision or {}))
+        except Exception:  # a missing file or an unreachable hub both mean: no processor config
+            hit = None
+        if not hit:
+            return None
+        path = Path(hit)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ProbeError(f"{str(path)!r} is not readable JSON ({_short(e)}); fix or remove it") from None
+    return data if isinstance(data, dict) else None
+
+
+# --------------------------------------------------------------------------------------------
+# geometry and data config
+
+
+def prefix_token_count(model: nn.Module) -> int | None:
+    """Number of prefix tokens a ``transformers`` ViT-like model puts before its patch tokens.
+
+    Counted from the model's own embedding parameters: ``cls_token`` ``(1, 1, D)``,
+    ``distillation_token`` ``(1, 1, D)`` (DeiT) and ``register_tokens`` ``(1, R, D)`` (DINOv2 with
+    registers); the mask token is not a prefix token.
+
+    Returns:
+        The count (ViT 1, DeiT 2, DINOv2 1, DINOv2 with registers 1 + R), or ``None`` when the
+        model has no such embeddings.
+    """
+    base = getattr(model, "base_model", model)
+    emb = getattr(base, "embeddings", None)
+    if emb is None:
+        return None
+    count, found = 0, False
+    for name in ("cls_token", "distillation_token", "register_tokens"):
+        t = getattr(emb, name, None)
+        if isinstance(t, torch.Tensor) and t.dim() == 3:
+            count += int(t.shape[1])
+            found = True
+    return count if found else None
+
+
+def _pair(v: Any) -> tuple[int, int] | None:
+    if isinstance(v, int):
+        return (v, v)
+    if isinstance(v, (list, tuple)) and len(v) == 2:
+        return (int(v[0]), int(v[1]))
+    if isinstance(v, dict) and "height" in v and "width" in v:
+        return (int(v["height"]), int(v["width"]))
+    return None
+
+
+def _interpolation(resample: Any, default: str) -> str:
+    if isinstance(resample, int) and resample in _PIL_RESAMPLE:
+        return _PIL_RESAMPLE[resample]
+    if isinstance(resample, str) and resample.lower() in _PIL_RESAMPLE.values():
+        return resample.lower()
+    return default
+
+
+def data_config_from_processor(config: Any, processor: dict[str, Any] | None) -> dict[str, Any]:
+    """timm-style data config for a ``transformers`` model.
+
+    Args:
+        config: the model's ``PretrainedConfig`` (``model_type``, ``image_size``,
+            ``num_channels``).
+        processor: the parsed ``preprocessor_config.json`` or ``None``.
+
+    Returns:
+        ``{"input_size": (C, H, W), "mean", "std", "interpolation", "crop_pct", "crop_mode"}``
+        read by :func:`probe.data.eval_transform` (timm's eval transform). The image processor's
+        steps map to it as follows: resize to ``size`` ``{"height", "width"}`` (aspect not kept)
+        -> ``crop_mode="squash"``; resize of the shortest edge ``{"shortest_edge": s}`` ->
+        ``crop_mode="center"``; a center crop to ``crop_size`` -> ``input_size`` = crop size and
+        ``crop_pct`` = crop / resize size (else 1.0); ``resample`` (PIL code) -> interpolation;
+        ``do_normalize=False`` -> mean 0, std 1. A shortest-edge resize without a crop (variable
+        output size) is followed by a square center crop so images batch together. Without a
+        processor config: ``input_size`` from ``config.image_size`` (the size of the position
+        embeddings), crop 1.0, and :data:`FAMILY_NORMALIZATION`.
+
+        Known differences from the processors: where the crop margin is odd, torchvision's center
+        crop (used by timm) starts one pixel further than the processors'; a squash resize to a
+        non-square ``size`` with a crop is scaled by the height ratio in both directions; a
+        ``rescale_factor`` other than 1/255 is not represented.
+    """
+    channels = int(getattr(config, "num_channels", 3) or 3)
+    mean, std, interp = FAMILY_NORMALIZATION.get(
+        getattr(config, "model_type", ""), ((0.5,) * 3, (0.5,) * 3, "bicubic")
+    )
+    native = _pair(getattr(config, "image_size", None)) or (224, 224)
+    cfg: dict[str, Any] = {
+        "input_size": (channels, *native),
+        "interpolation": interp,
+        "mean": tuple(mean),
+        "std": tuple(std),
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+    }
+    if not processor:
+        return _fit_channels(cfg, channels)
+    cfg["interpolation"] = _interpolation(processor.get("resample"), interp)
+    if processor.get("do_normalize", True):
+        if processor.get("image_mean") is not None:
+            cfg["mean"] = tuple(float(v) for v in processor["image_mean"])
+        if processor.get("image_std") is not None:
+            cfg["std"] = tuple(float(v) for v in processor["image_std"])
+    else:
+        cfg["mean"], cfg["std"] = (0.0,) * channels, (1.0,) * channels
+    size = processor.get("size") if processor.get("do_resize", True) else None
+    short = size.get("shortest_edge") if isinstance(size, dict) else None
+    resize_hw = _pair(size)
+    crop = _pair(processor.get("crop_size")) if processor.get("do_center_crop", False) else None
+    if crop is not None:
+        cfg["input_size"] = (channels, *crop)
+        if resize_hw is not None:
+            cfg["crop_mode"] = "squash"
+            cfg["crop_pct"] = _crop_pct(crop[0], resize_hw[0])
+        elif short:
+            cfg["crop_pct"] = _crop_pct(min(crop), int(short))
+    elif resize_hw is not None:
+        cfg["input_size"] = (channels, *resize_hw)
+        cfg["crop_mode"] = "squash"
+    elif short:
+        cfg["input_size"] = (channels, int(short), int(short))
+    return _fit_channels(cfg, channels)
+
+
+def _crop_pct(crop: int, resize: int) -> float:
+    """``crop / resize``, nudged down by one ulp where timm's ``floor(crop / crop_pct)`` would
+    otherwise give ``resize - 1``."""
+    pct = crop / resize
+    if math.floor(crop / pct) < resize:
+        pct = math.nextafter(pct, 0.0)
+    return pct
+
+
+def _fit_channels(cfg: dict[str, Any], channels: int) -> dict[str, Any]:
+    for key in ("mean", "std"):
+        vals = tuple(cfg[key])
+        if len(vals) != channels:
+            cfg[key] = (vals[0],) * channels if len(vals) == 1 or channels == 1 else vals[:channels]
+    return cfg
+
+
+def _native_size(config: Any) -> tuple[int, int] | None:
+    return _pair(getattr(config, "image_size", None))
+
+
+def _interpolate_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Ask the model to interpolate its position embeddings for inputs of another size than
+    ``config.image_size`` (ViT and DeiT otherwise refuse them; DINOv2 always interpolates)."""
+    x = args[0] if args else kwargs.get("pixel_values")
+    native = _native_size(module.config)
+    if (
+        kwargs.get("interpolate_pos_encoding") is None
+        and isinstance(x, torch.Tensor)
+        and native is not None
+        and tuple(x.shape[-2:]) != native
+    ):
+        kwargs = dict(kwargs, interpolate_pos_encoding=True)
+    return args, kwargs
+
+
+def prepare(model: nn.Module, processor: dict[str, Any] | None = None) -> nn.Module:
+    """Give a ``transformers`` model what :func:`probe.analyze` reads from a timm model.
+
+    Sets ``model.num_prefix_tokens`` (:func:`prefix_token_count`) and, unless present,
+    ``model.pretrained_cfg`` (:func:`data_config_from_processor`), and — when the forward takes
+    ``interpolate_pos_encoding`` — a forward pre-hook that turns it on for inputs whose size
+    differs from ``config.image_size`` (so ``--input-size`` works for ViT and DeiT). Idempotent.
+
+    Returns:
+        ``model``, in eval mode.
+    """
+    n = prefix_token_count(model)
+    if n is not None:
+        model.num_prefix_tokens = n
+    if processor is not None or not getattr(model, "pretrained_cfg", None):
+        model.pretrained_cfg = data_config_from_processor(model.config, processor)
+    if (
+        "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
+        and not getattr(model, "_probe_interpolate_hook", False)
+    ):
+        model.register_forward_pre_hook(_interpolate_pre_hook, with_kwargs=True)
+        model._probe_interpolate_hook = True
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# resolution
+
+
+def resolve_hf(
+    model: str | Path | nn.Module,
+    weights: str | Path | None = None,
+    random_init: bool = False,
+    seed: int = 0,
+) -> Any:
+    """Load or wrap a ``transformers`` vision transformer for analysis.
+
+    Args:
+        model: ``hf:FOLDER``, ``hf:ORG/NAME`` (hub model id, ``@revision`` allowed), a folder with a
+            ``transformers`` ``config.json``, or a ``transformers`` model instance.
+        weights: a local checkpoint with ``transformers`` key names (safetensors, or a
+            weights-only torch file) loaded strictly instead of the folder's / hub's weights.
+        random_init: build the architecture from its config with random weights (seeded).
+        seed: seed of the random initialisation.
+
+    Returns:
+        A :class:`probe.models.ResolvedModel`; the model is float32, in eval mode, loaded with
+        eager attention and prepared by :func:`prepare`.
+
+    Raises:
+        ProbeError: ``transformers`` not installed; a missing folder / ``config.json`` / weights
+            file; a model id while the hub is unreachable and the id is not cached (naming the
+            local-folder option); weights that do not cover the model's backbone; a model type
+            none of whose attention modules probe can capture.
+    """
+    from ..models import HUB_HOST, ResolvedModel, apply_state_dict, hub_reachable, load_state_dict
+
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise ProbeError(f"--model {model!s} needs Hugging Face transformers; {_HF_INSTALL_HINT}") from None
+    if weights is not None and random_init:
+        raise ProbeError("--weights and --random-init exclude each other; pass one")
+
+    processor: dict[str, Any] | None = None
+    if isinstance(model, nn.Module):
+        net, name = model, type(model).__name__
+        source = "as given (in-memory module)"
+        if weights is not None:
+            apply_state_dict(net, load_state_dict(weights), name, str(weights))
+            source = str(weights)
+    else:
+        spec = str(model)
+        target = spec[len(_PREFIX):] if spec.startswith(_PREFIX) else spec
+        folder, model_id = _locate(target)
+        source_ref = str(folder) if folder is not None else model_id
+        repo, _, revision = source_ref.partition("@") if folder is None else (source_ref, "", "")
+        local_only = folder is None and not hub_reachable()
+        name = f"{_PREFIX}{target}"
+        common = {"revision": revision or None} if revision else {}
+        with _quiet_transformers():
+            config = _load_config(repo, folder, local_only, common, HUB_HOST)
+            cls = _model_class(config)
+            if weights is not None or random_init:
+                net = _from_config(cls, config, seed)
+                if weights is not None:
+                    apply_state_dict(net, load_state_dict(weights), name, str(weights))
+                    source = str(weights)
+                else:
+                    source = f"random init (seed {seed})"
+            else:
+                net, source = _from_pretrained(cls, repo, folder, local_only, common, HUB_HOST)
+            processor = _processor_dict(repo, local_only, common)
+        net = net.float()
+        if folder is None and local_only:
+            source += " (local Hugging Face cache)"
+    model_type = getattr(net.config, "model_type", "?")
+    from ..capture import find_attention_layers
+
+    if not any(isinstance(l.rule, HFEagerAttentionRule) for l in find_attention_layers(net)):
+        raise ProbeError(
+            f"{name}: transformers model type {model_type!r} has no attention module probe can "
+            f"capture (supported: {', '.join(SUPPORTED_FAMILIES)}); register a capture rule "
+            "(see probe.capture)"
+        )
+    prepare(net, processor)
+    return ResolvedModel(
+        model=net,
+        name=name,
+        weights=source,
+        num_params=sum(p.numel() for p in net.parameters()),
+        pretrained_cfg=dict(net.pretrained_cfg),
+    )
+
+
+def _load_config(repo: str, folder: Path | None, local_only: bool, common: dict, host: str) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(repo, trust_remote_code=False, local_files_only=local_only, **common)
+    except OSError as e:
+        if folder is None and local_only:
+            raise ProbeError(_unreachable(repo, host)) from None
+        raise ProbeError(f"cannot read the config of {repo!r} ({_short(e)}); pass a folder written "
+                         "by save_pretrained to --model hf:FOLDER") from None
+    except (ValueError, KeyError) as e:
+        raise ProbeError(
+            f"{repo!r} is not a transformers model this installation can build without running "
+            f"code from the checkpoint ({_short(e)}); supported: {', '.join(SUPPORTED_FAMILIES)}"
+        ) from None
+
+
+def _unreachable(repo: str, host: str) -> str:
+    return (
+        f"model id {repo!r} needs the Hugging Face hub ({host}), which is not reachable, and it is "
+        "not in the local Hugging Face cache; download it where the hub is reachable "
+        f"(huggingface-cli download {repo} --local-dir DIR) and pass the local folder: "
+        "--model hf:DIR (config.json + model.safetensors)"
+    )
+
+
+def _from_config(cls: Any, config: Any, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    config._attn_implementation = "eager"
+    try:
+        return cls(config)
+    except Exception as e:  # a config transformers cannot build (bad sizes) is the user's input
+        raise ProbeError(f"cannot build {cls.__name__} from its config ({_short(e)}); fix config.json") from None
+
+
+def _from_pretrained(cls: Any, repo: str, folder: Path | None, local_only: bool, common: dict,
+                     host: str) -> tuple[nn.Module, str]:
+    if folder is not None:
+        files = {p.name for p in folder.iterdir()}
+        if not any(f.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json"))
+                   for f in files):
+            raise ProbeError(
+                f"folder {str(folder)!r} has a config.json but no weights (model.safetensors); save "
+                "them with save_pretrained, or pass --random-init to analyse untrained weights"
+            )
+    try:
+        net, info = cls.from_pretrained(repo, output_loading_info=True, local_files_only=local_only,
+                                        **_load_kwargs(cls), **common)
+    except OSError as e:
+        if folder is None and local_only:
+            raise ProbeError(_unreachable(repo, host)) from None
+        raise ProbeError(f"cannot load the weights of {repo!r} ({_short(e)}); pass a folder with "
+                         "model.safetensors to --model hf:FOLDER") from None
+    except Exception as e:  # corrupt or pickled-code checkpoints, mismatched shapes
+        raise ProbeError(f"cannot load the weights of {repo!r} ({_short(e)}); re-save the model with "
+                         "save_pretrained (safetensors)") from None
+    base_prefix = "" if net.base_model is net else f"{net.base_model_prefix}."
+    missing = sorted(k for k in info.get("missing_keys", ()) if k.startswith(base_prefix))
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
+    if missing or mismatched:
+        bad = missing + mismatched
+        raise ProbeError(
+            f"the weights of {repo!r} do not cover {type(net).__name__}: {len(bad)} missing or "
+            f"mis-shaped tensors ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); pass a "
+            "complete checkpoint"
+        )
+    source = f"local folder {folder}" if folder is not None else f"hub {repo}"
+    head_missing = sorted(info.get("missing_keys", ()))
+    if head_missing:
+        source += f" (task head not in the checkpoint, random: {', '.join(head_missing[:2])})"
+    return net, source

@@ -1,0 +1,239 @@
+"""The one flow: resolve model -> capture attention layer by layer -> streaming reducers ->
+fits and tests on the statistics -> results tables -> :class:`~probe.result.AnalysisResult`.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from . import __version__
+from .analyses.reducers import LayerReducer
+from .capture import AttentionCapture, find_attention_layers, infer_geometry, parse_layers
+from .data import ImageSet, collect_images, eval_transform, iter_batches
+from .errors import CaptureError, ProbeError
+from .models import ResolvedModel, resolve_model
+from .analyses.convlike import ConvLikeConfig
+from .result import AnalysisResult
+from .steps import add_conv_test, add_quadratic_fits, layer_scores
+from .tables import heads_frame, layers_frame
+
+Progress = Callable[[int, int], None]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """Check and return the torch device.
+
+    Raises:
+        ProbeError: for an unknown device or ``cuda`` without a usable GPU.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ProbeError(f"unknown device {device!r}; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ProbeError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ProbeError(f"device {device!r} is not supported; use cpu or cuda")
+    return dev
+
+
+def analyze(
+    model: str | nn.Module | ResolvedModel,
+    images: str | Path | Sequence[Any] | ImageSet | None = None,
+    *,
+    layers: str | Sequence[int] | None = "all",
+    weights: str | Path | None = None,
+    random_init: bool = False,
+    num_images: int | None = None,
+    batch_size: int = 16,
+    device: str = "cpu",
+    amp: bool = False,
+    seed: int = 0,
+    n_bootstrap: int = 100,
+    prefix_tokens: int | None = None,
+    grid: tuple[int, int] | None = None,
+    patch_size: float | None = None,
+    data_overrides: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+    fits: bool = True,
+    anisotropic: bool = False,
+    conv_test: bool = True,
+    conv_config: ConvLikeConfig | None = None,
+    null_seeds: int = 3,
+    null_images: int = 8,
+) -> AnalysisResult:
+    """Analyse the attention heads of ``model`` on ``images``.
+
+    Args:
+        model: timm name or alias, ``package.module:factory``, an ``nn.Module`` or a
+            :class:`~probe.models.ResolvedModel`.
+        images: folder / file / glob / list of paths or PIL images; ``None`` uses the embedded
+            scikit-learn sample photos.
+        layers: ``"all"``, ``"0-4"``, ``"0,2,5"`` or a list of layer indices.
+        weights: local checkpoint (safetensors or weights-only torch file).
+        random_init: analyse random weights (explicit opt-in).
+        num_images: analyse at most this many images (seeded random subset).
+        batch_size: images per forward pass.
+        device: ``cpu`` or ``cuda``.
+        amp: run the forward pass under bf16 autocast on CUDA (statistics accumulate in float64).
+        seed: seed for the image subset, random init and bootstrap weights.
+        n_bootstrap: Poisson-bootstrap replicates kept by the reducers.
+        prefix_tokens, grid, patch_size: override the inferred token geometry.
+        data_overrides: timm data-config values (``input_size``, ``mean``, ``std``, ...).
+        progress: ``progress(images_done, images_total)`` after each batch.
+        fits: fit the quadratic-encoding Δ and α of every head (:mod:`probe.analyses.quadratic`).
+        anisotropic: also fit the full 2x2 covariance form.
+        conv_test: test whether layers act like convolutions (:mod:`probe.analyses.convlike`;
+            needs ``fits``).
+        conv_config: thresholds of that test (default :class:`ConvLikeConfig`).
+        null_seeds: random-init copies of the architecture for the test's null (a); skipped
+            when the analysed weights are themselves a random init.
+        null_images: images (the first of the analysed ones) each random-init copy sees.
+
+    Returns:
+        An :class:`~probe.result.AnalysisResult` (``heads`` / ``layers`` DataFrames,
+        per-layer :class:`~probe.analyses.reducers.LayerStats`, metadata, ``write_report``).
+
+    Raises:
+        ProbeError: for any bad input (model, weights, layers, images, device, geometry).
+    """
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    if batch_size < 1:
+        raise ProbeError(f"--batch-size must be at least 1, got {batch_size}")
+    resolved = model if isinstance(model, ResolvedModel) else resolve_model(
+        model, weights=weights, random_init=random_init, seed=seed
+    )
+    net = resolved.model.to(dev).eval()
+    image_set = images if isinstance(images, ImageSet) else collect_images(images, num_images, seed)
+
+    all_layers = find_attention_layers(net)
+    if not all_layers:
+        raise CaptureError(
+            f"{resolved.name}: no attention module that probe can capture was found "
+            f"(looked for: timm attention, Hugging Face ViT/DeiT/DINOv2, and registered rules); register a capture rule "
+            "(see probe.capture) or pass a supported model"
+        )
+    selected = [all_layers[i] for i in parse_layers(layers, len(all_layers))]
+    transform, data_cfg = eval_transform(net, data_overrides)
+    input_shape = tuple(int(v) for v in data_cfg["input_size"])
+    mode = "L" if input_shape[0] == 1 else "RGB"
+    geometry = infer_geometry(net, selected[0], input_shape, prefix_tokens, grid, patch_size)
+
+    reducers = {l.index: LayerReducer(l.index, geometry, n_bootstrap, seed) for l in selected}
+
+    def sink(index: int, attn: torch.Tensor) -> None:
+        reducers[index].update(attn)
+
+    capture = AttentionCapture(selected, sink)
+    total = len(image_set)
+    done = 0
+    names: list[str] = []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (amp and dev.type == "cuda") else None
+    with capture, torch.no_grad():
+        for batch, batch_names in iter_batches(image_set, transform, batch_size, mode):
+            batch = batch.to(dev, non_blocking=True)
+            if autocast is not None:
+                with autocast:
+                    net(batch)
+            else:
+                net(batch)
+            if done == 0:
+                capture.check_all_captured(resolved.name)
+            done += batch.shape[0]
+            names.extend(batch_names)
+            if progress is not None:
+                progress(done + len(image_set.skipped), total)
+
+    stats = [reducers[l.index].result() for l in selected]
+    heads = heads_frame(stats)
+    layer_table = layers_frame(heads, stats)
+    meta = {
+        "model": resolved.name,
+        "weights": resolved.weights,
+        "num_params": resolved.num_params,
+        "images": image_set.description,
+        "num_images": done,
+        "num_skipped": len(image_set.skipped),
+        "skipped": list(image_set.skipped),
+        "image_names": [Path(n).name for n in names],
+        "layers": [l.index for l in selected],
+        "layer_names": {l.index: l.name for l in selected},
+        "num_attention_layers": len(all_layers),
+        "capture_rule": sorted({l.rule.name for l in selected}),
+        "geometry": {
+            "num_prefix_tokens": geometry.num_prefix_tokens,
+            "grid": list(geometry.grid),
+            "pixels_per_token": list(geometry.pixels_per_token),
+        },
+        "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_cfg.items()},
+        "device": str(dev) + (" (bf16 autocast)" if autocast is not None else ""),
+        "batch_size": batch_size,
+        "seed": seed,
+        "n_bootstrap": n_bootstrap,
+        "versions": _versions(),
+        "runtime_s": time.perf_counter() - t0,
+    }
+    result = AnalysisResult(heads=heads, layers=layer_table, stats={s.layer: s for s in stats},
+                            geometry=geometry, meta=meta)
+    if fits or conv_test:
+        add_quadratic_fits(result, anisotropic=anisotropic)
+    if conv_test:
+        cfg = conv_config or ConvLikeConfig(seed=seed)
+        null = {}
+        if null_seeds > 0 and not resolved.weights.startswith("random init"):
+            null = _random_init_scores(
+                resolved, image_set, [l.index for l in selected], cfg, null_seeds, null_images,
+                batch_size=batch_size, device=device, seed=seed, prefix_tokens=prefix_tokens,
+                grid=grid, patch_size=patch_size, data_overrides=data_overrides)
+        add_conv_test(result, cfg, null)
+        meta["conv_null_seeds"] = len(next(iter(null.values()), []))
+        meta["conv_null_images"] = min(null_images, done) if null else 0
+    meta["runtime_s"] = time.perf_counter() - t0
+    return result
+
+
+def _random_init_scores(resolved: ResolvedModel, image_set: ImageSet, layers: list[int],
+                        config: ConvLikeConfig, n_seeds: int, n_images: int, **kw) -> dict[int, list[float]]:
+    """Conv-likeness scores of random-init copies of the architecture (null (a) of the test).
+
+    Each copy (seeds ``1000 + seed + i``) is analysed on the first ``n_images`` images with the
+    same layers, geometry options and fits; returns ``{layer: [score per seed]}``.
+    """
+    subset = ImageSet(list(image_set.items[:max(1, n_images)]), image_set.description)
+    scores: dict[int, list[float]] = {l: [] for l in layers}
+    base = 1000 + kw["seed"]
+    for i in range(n_seeds):
+        net = resolved.random_init(base + i)
+        twin = ResolvedModel(net, resolved.name, f"random init (seed {base + i})",
+                             resolved.num_params, resolved.pretrained_cfg, resolved.rebuild)
+        res = analyze(twin, ImageSet(list(subset.items), subset.description), layers=layers,
+                      n_bootstrap=0, conv_test=False, fits=True, **kw)
+        for layer, s in layer_scores(res.heads, config).items():
+            scores[layer].append(s)
+    return scores
+
+
+def _versions() -> dict[str, str]:
+    import timm
+
+    out = {
+        "probe": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "platform": platform.platform(),
+    }
+    try:
+        import transformers
+
+        out["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return out

@@ -1,0 +1,81 @@
+"""Figures of the report (matplotlib/seaborn), returned as self-contained PNG data URIs."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+
+def to_data_uri(fig: "plt.Figure", dpi: int = 110) -> str:
+    """Encode a figure as a ``data:image/png;base64,...`` URI and close it."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _per_head_vs_depth(heads: pd.DataFrame, column: str, ylabel: str, title: str,
+                       refs: pd.DataFrame, ref_column: str, ref_label: str) -> "plt.Figure":
+    fig, ax = plt.subplots(figsize=(7, 4))
+    sns.stripplot(data=heads, x="layer", y=column, hue="head", palette="tab10", jitter=0.15,
+                  size=6, ax=ax, native_scale=True)
+    ax.plot(refs["layer"], refs[ref_column], "k--", lw=1, label=ref_label)
+    ax.set_xlabel("layer (network depth)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(title="head", fontsize=7, ncol=2, loc="best")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def distance_vs_depth(heads: pd.DataFrame, layers: pd.DataFrame) -> str:
+    """Mean attention distance (px) per head against depth with the uniform reference (ViT Fig. 7)."""
+    return to_data_uri(_per_head_vs_depth(
+        heads, "mean_distance_px", "mean attention distance (pixels)",
+        "Mean attention distance per head", layers, "uniform_distance_px", "uniform attention"))
+
+
+def entropy_vs_depth(heads: pd.DataFrame, layers: pd.DataFrame) -> str:
+    """Attention entropy (nats) per head against depth with ``ln(num_keys)`` as reference."""
+    return to_data_uri(_per_head_vs_depth(
+        heads, "entropy_nats", "attention entropy (nats)", "Attention entropy per head",
+        layers, "uniform_entropy_nats", "uniform attention (ln #keys)"))
+
+
+def attention_maps(center_maps: dict[int, np.ndarray], query_rc: tuple[int, int]) -> str:
+    """Grid of mean attention maps of one query: a row per layer, a column per head.
+
+    Args:
+        center_maps: ``{layer: array (heads, rows, cols)}``.
+        query_rc: ``(row, col)`` of the query patch, marked with a cross.
+    """
+    layers = sorted(center_maps)
+    n_heads = max(m.shape[0] for m in center_maps.values())
+    fig, axes = plt.subplots(len(layers), n_heads, figsize=(1.6 * n_heads + 0.6, 1.6 * len(layers) + 0.4),
+                             squeeze=False)
+    for i, layer in enumerate(layers):
+        maps = center_maps[layer]
+        for h in range(n_heads):
+            ax = axes[i, h]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if h >= maps.shape[0]:
+                ax.axis("off")
+                continue
+            ax.imshow(maps[h], cmap="viridis", interpolation="nearest")
+            ax.plot(query_rc[1], query_rc[0], "r+", ms=6, mew=1.2)
+            if i == 0:
+                ax.set_title(f"head {h}", fontsize=8)
+            if h == 0:
+                ax.set_ylabel(f"layer {layer}", fontsize=8)
+    fig.suptitle("Mean attention of the query patch (red +) over the patch grid", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (1.6 * len(layers) + 0.4)))
+    return to_data_uri(fig, dpi=90)

@@ -1,0 +1,79 @@
+"""Fits and tests on the streaming statistics: each step takes an
+:class:`~probe.result.AnalysisResult`, adds columns to its tables and an entry to its extras.
+
+Steps see statistics and tables only — never a model. (The random-init null of the conv test
+needs re-running the model; :func:`probe.pipeline.analyze` computes those scores and passes them.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .analyses.convlike import ConvLikeConfig, LayerFit, convlike_score, convlike_test
+from .analyses.quadratic import empirical_mass_radius, fit_layer_stats
+from .result import AnalysisResult
+
+
+def add_quadratic_fits(result: AnalysisResult, anisotropic: bool = False) -> None:
+    """Fit Δ and α of every head (Cordonnier et al. 2020, Eq. 9) and add the columns.
+
+    Adds the columns of :meth:`probe.analyses.quadratic.QuadraticFit.to_frame` and
+    ``r90_empirical_patches`` (:func:`~probe.analyses.quadratic.empirical_mass_radius` around
+    the fitted Δ, or around the query for a head without a finite Δ) to ``result.heads``;
+    ``result.extras["quadratic"] = {layer: QuadraticFit}``.
+    """
+    fits, frames = {}, []
+    for layer, st in result.stats.items():
+        fit = fit_layer_stats(st, anisotropic=anisotropic)
+        frame = fit.to_frame()
+        frame["r90_empirical_patches"] = empirical_mass_radius(st.mean_attn, st.geometry, fit.delta, 0.9)
+        fits[layer] = fit
+        frames.append(frame)
+    quad = pd.concat(frames, ignore_index=True)
+    result.heads = result.heads.merge(quad, on=["layer", "head"], how="left")
+    result.extras["quadratic"] = fits
+
+
+def layer_fits(heads: pd.DataFrame) -> dict[int, LayerFit]:
+    """Per-layer inputs of the conv test from a heads table with quadratic-fit columns.
+
+    Locality uses the measured ``r90_empirical_patches``; a head without a finite centre
+    (``α = 0``) is placed at the query and, having a large radius, is non-local.
+    """
+    out = {}
+    for layer, g in heads.groupby("layer", sort=True):
+        delta = g[["delta_row", "delta_col"]].to_numpy(dtype=np.float64)
+        finite = np.isfinite(delta).all(1)
+        se = g[["delta_row_se", "delta_col_se"]].to_numpy(dtype=np.float64)
+        out[int(layer)] = LayerFit(
+            delta=np.where(finite[:, None], delta, 0.0),
+            r90=g["r90_empirical_patches"].to_numpy(dtype=np.float64),
+            delta_se=np.where(np.isfinite(se), se, 0.0),
+        )
+    return out
+
+
+def layer_scores(heads: pd.DataFrame, config: ConvLikeConfig) -> dict[int, float]:
+    """:func:`~probe.analyses.convlike.convlike_score` of every layer of a heads table."""
+    return {
+        layer: convlike_score(f.delta, r90=f.r90, kernel_size=config.kernel_size,
+                              r_local=config.r_local, mass=config.mass, tolerance=config.tolerance)
+        for layer, f in layer_fits(heads).items()
+    }
+
+
+def add_conv_test(result: AnalysisResult, config: ConvLikeConfig,
+                  random_init_scores: dict[int, list[float]] | None = None) -> None:
+    """Test per layer whether the heads act like a K x K convolution (Cordonnier et al. 2020,
+    Theorem 1) against the lattice-free null and, when given, the random-init null.
+
+    Needs :func:`add_quadratic_fits` first. Adds the per-head ``conv_*`` columns to
+    ``result.heads``, the per-layer ``conv_*`` columns to ``result.layers`` and
+    ``result.extras["convlike"]`` (a :class:`~probe.analyses.convlike.ConvLikeResult`).
+    """
+    cl = convlike_test(layer_fits(result.heads), random_init=random_init_scores or None, config=config)
+    result.heads = result.heads.merge(cl.heads.drop(columns=["conv_radius"], errors="ignore"),
+                                      on=["layer", "head"], how="left")
+    result.layers = result.layers.merge(cl.layers, on="layer", how="left")
+    result.extras["convlike"] = cl

@@ -1,0 +1,378 @@
+"""Conv-likeness statistic, nulls, Holm correction and verdicts (Cordonnier et al. 2020)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from probe.analyses.convlike import (
+    ConvLikeConfig,
+    LayerFit,
+    convlike_score,
+    convlike_test,
+    default_kernel_size,
+    holm,
+    kernel_lattice,
+    lattice_match,
+    layer_fits_from_heads,
+    local_heads,
+    radius_from_alpha,
+)
+from probe.errors import ProbeError
+
+torch.set_num_threads(1)
+FAST = ConvLikeConfig(n_null=1999)
+
+
+def _planted_model(rng, conv=3, random_local=3, nonlocal_=3, noise=0.05):
+    lat = kernel_lattice(3)
+    fits = {}
+    for l in range(conv):
+        fits[l] = LayerFit(rng.permutation(lat) + rng.normal(0, noise, (9, 2)), np.full(9, 30.0))
+    for l in range(conv, conv + random_local):
+        fits[l] = LayerFit(rng.uniform(-1.5, 1.5, (9, 2)), np.full(9, 30.0))
+    for l in range(conv + random_local, conv + random_local + nonlocal_):
+        fits[l] = LayerFit(rng.normal(0, 0.2, (9, 2)), np.full(9, 0.01))
+    return fits
+
+
+def test_kernel_lattice_and_default_k():
+    assert kernel_lattice(3).tolist() == [[r, c] for r in (-1, 0, 1) for c in (-1, 0, 1)]
+    assert kernel_lattice(2).tolist() == [[-.5, -.5], [-.5, .5], [.5, -.5], [.5, .5]]
+    assert [default_kernel_size(h) for h in (1, 3, 4, 6, 9, 12, 16)] == [3, 3, 2, 3, 3, 3, 4]
+    with pytest.raises(ProbeError):
+        default_kernel_size(0)
+
+
+def test_r90_formula_against_chi2():
+    # isotropic Gaussian sigma^2 = 1/(2 alpha): ||d||^2 / sigma^2 ~ chi2(2)
+    for alpha in (0.1, 1.0, 7.0):
+        r = float(radius_from_alpha(alpha, 0.9))
+        assert stats.chi2.cdf(r**2 * 2 * alpha, df=2) == pytest.approx(0.9, abs=1e-12)
+    assert np.isinf(radius_from_alpha(0.0))
+    assert local_heads([1.0, 0.5], r_local=2.0).tolist() == [True, False]  # threshold ln10/4=0.576
+    assert local_heads(r90=[1.9, 2.1], r_local=2.0).tolist() == [True, False]
+
+
+def test_score_hand_example():
+    tau = 0.25
+    delta = [[0.0, 0.0], [0.0, 1.1], [5.0, 5.0]]
+    s = convlike_score(delta, [30.0] * 3, kernel_size=3, tolerance=tau)
+    far = math.exp(-(4**2 + 4**2) / (2 * tau**2))  # (5,5) -> nearest free point (1,1)
+    expected = (1.0 + math.exp(-(0.1**2) / (2 * tau**2)) + far) / 3
+    assert s == pytest.approx(expected, abs=1e-12)
+    # a non-local head contributes nothing
+    s2 = convlike_score(delta, [30.0, 30.0, 0.001], kernel_size=3, tolerance=tau)
+    assert s2 == pytest.approx((1.0 + math.exp(-0.01 / (2 * tau**2))) / 3, abs=1e-12)
+
+
+def test_two_heads_on_one_point_count_once():
+    m = lattice_match([[0.0, 0.0], [0.0, 0.0]], [True, True], 3, tolerance=0.25)
+    assert m.n_covered == 1
+    assert m.score == pytest.approx((1 + math.exp(-1 / (2 * 0.25**2))) / 2, abs=1e-12)
+    assert sorted(m.distances.tolist()) == pytest.approx([0.0, 1.0])
+
+
+def test_perfect_lattice_scores_one_and_covers_all():
+    lat = kernel_lattice(3)
+    m = lattice_match(lat[::-1], np.ones(9, bool), 3)
+    assert m.score == pytest.approx(1.0) and m.n_covered == 9 and m.mean_distance == 0
+    assert sorted(map(tuple, m.points.tolist())) == sorted(map(tuple, lat.tolist()))
+
+
+def test_holm_hand_example():
+    # sorted p: .005 (x4=.02), .01 (x3=.03), .03 (x2=.06), .04 (x1=.04 -> monotone .06)
+    adj = holm([0.01, 0.04, 0.03, 0.005])
+    assert adj == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    out = holm([np.nan, 0.02, 0.01])
+    assert np.isnan(out[0]) and out[1:] == pytest.approx([0.02, 0.02])
+
+
+def test_planted_conv_layers_conv_like_others_not():
+    res = convlike_test(_planted_model(np.random.default_rng(0)), config=FAST)
+    t = res.layers.set_index("layer")
+    assert (t.loc[[0, 1, 2], "conv_verdict"] == "conv-like").all()
+    assert (t.loc[[0, 1, 2], "conv_p_holm"] < 0.01).all()
+    assert (t.loc[[0, 1, 2], "conv_n_covered"] == 9).all()
+    assert (t.loc[[3, 4, 5], "conv_verdict"] == "local but not grid").all()
+    assert (t.loc[[6, 7, 8], "conv_verdict"] == "non-local").all()
+    assert res.deepest_conv_layer == 2
+    assert (t.loc[[0, 1, 2], "conv_effect_size"] > 5).all()
+    heads = res.heads
+    assert len(heads) == 81 and heads.conv_local.sum() == 54
+    assert heads[heads.layer == 0].conv_lattice_distance.max() < 0.25
+
+
+def test_random_centres_never_conv_like():
+    rng = np.random.default_rng(1)
+    fits = {l: LayerFit(rng.uniform(-1.5, 1.5, (9, 2)), np.full(9, 30.0)) for l in range(20)}
+    res = convlike_test(fits, config=FAST)
+    assert (res.layers.conv_verdict == "local but not grid").all()
+    assert res.deepest_conv_layer is None
+
+
+def test_alpha_zero_is_non_local():
+    fits = {0: LayerFit(kernel_lattice(3), np.full(9, 1e-3))}
+    res = convlike_test(fits, config=FAST)
+    assert res.layers.conv_verdict.iloc[0] == "non-local"
+    assert res.layers.conv_score.iloc[0] == 0.0
+
+
+def test_null_p_values_are_calibrated():
+    # layers drawn from null (b) itself: p-values ~ U(0, 1)
+    rng = np.random.default_rng(2)
+    fits = {
+        l: LayerFit(rng.uniform(-1.5, 1.5, (9, 2)), np.where(rng.random(9) < 0.7, 30.0, 0.01))
+        for l in range(120)
+    }
+    res = convlike_test(fits, config=ConvLikeConfig(n_null=199))
+    p = res.layers.conv_p_value.to_numpy()
+    assert stats.kstest(p, "uniform").pvalue > 0.01
+    assert (res.layers.conv_verdict != "conv-like").all()
+
+
+def test_random_init_null_blocks_verdict():
+    lat = kernel_lattice(3)
+    fits = {0: LayerFit(lat, np.full(9, 30.0)), 1: LayerFit(lat + 0.1, np.full(9, 30.0))}
+    res = convlike_test(fits, random_init={0: [0.1, 0.2, 0.15], 1: [0.9, 0.95, 0.99]},
+                        config=FAST)
+    t = res.layers.set_index("layer")
+    assert t.loc[0, "conv_verdict"] == "conv-like"
+    assert t.loc[1, "conv_verdict"] == "local but not grid"  # random init scores higher
+    assert t.loc[0, "conv_random_init_effect"] == pytest.approx((1 - 0.15) / 0.05)
+    with pytest.raises(ProbeError):
+        convlike_test(fits, random_init={5: [0.1]}, config=FAST)
+
+
+def test_uncertainty_from_bootstrap_and_se():
+    lat = kernel_lattice(3)
+    rng = np.random.default_rng(3)
+    boot = lat[None] + rng.normal(0, 0.1, (50, 9, 2))
+    fit = LayerFit(lat, np.full(9, 30.0), delta_boot=boot)
+    row = convlike_test({0: fit}, config=FAST).layers.iloc[0]
+    # independent computation of the replicate scores
+    reps = [convlike_score(b, np.full(9, 30.0), kernel_size=3) for b in boot]
+    assert row.conv_score_se == pytest.approx(np.std(reps, ddof=1))
+    assert row.conv_score_lo == pytest.approx(np.quantile(reps, 0.025))
+    fit_se = LayerFit(lat, np.full(9, 30.0), delta_se=np.full((9, 2), 0.1))
+    row2 = convlike_test({0: fit_se}, config=FAST).layers.iloc[0]
+    assert 0 < row2.conv_score_se and row2.conv_score_lo < 1.0
+
+
+def test_model_verdict_requires_contiguity_from_first_layer():
+    rng = np.random.default_rng(4)
+    fits = _planted_model(rng, conv=2, random_local=1, nonlocal_=0)
+    fits[3] = LayerFit(kernel_lattice(3), np.full(9, 30.0))  # conv-like again after a gap
+    res = convlike_test(fits, config=FAST)
+    assert res.conv_like_layers == [0, 1, 3]
+    assert res.deepest_conv_layer == 1
+    assert "later conv-like layers: [3]" in res.summary()
+
+
+def test_layer_fits_from_heads_table():
+    import pandas as pd
+
+    df = pd.DataFrame(
+        dict(layer=[0, 0, 1], delta_row=[0.0, 1, 2], delta_col=[1.0, 0, 0], alpha=[1.0, 2, 3])
+    )
+    fits = layer_fits_from_heads(df)
+    assert fits[0].delta.tolist() == [[0, 1], [1, 0]] and fits[1].alpha.tolist() == [3]
+    with pytest.raises(ProbeError):
+        layer_fits_from_heads(df.drop(columns="alpha"))
+
+
+def test_bad_inputs():
+    with pytest.raises(ProbeError):
+        LayerFit(np.zeros((3, 3)), np.ones(3))
+    with pytest.raises(ProbeError):
+        LayerFit(np.zeros((3, 2)))
+    with pytest.raises(ProbeError):
+        LayerFit(np.zeros((3, 2)), np.ones(2))
+    with pytest.raises(ProbeError):
+        ConvLikeConfig(null="bogus")
+    with pytest.raises(ProbeError):
+        convlike_test({})
+
+
+# --- planted models and ConViT ----------------------------------------------------------
+
+
+def _moment_fit(attn: torch.Tensor, grid: tuple[int, int], n_prefix: int, margin: int):
+    """Independent oracle fit: Delta = E[delta], alpha = 1 / E||delta - Delta||^2 (2-D Gaussian
+    with sigma^2 = 1/(2 alpha)), over queries at least ``margin`` patches from the border."""
+    rows, cols = grid
+    a = attn.double().mean(0)[:, n_prefix:, n_prefix:]
+    a = a / a.sum(-1, keepdim=True)
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    pos = torch.stack([r.reshape(-1), c.reshape(-1)], 1).double()
+    off = pos[None, :, :] - pos[:, None, :]  # (P, P, 2) key - query
+    inner = ((pos[:, 0] >= margin) & (pos[:, 0] < rows - margin)
+             & (pos[:, 1] >= margin) & (pos[:, 1] < cols - margin))
+    a, off = a[:, inner], off[inner]
+    mean = torch.einsum("hqk,qkd->hqd", a, off)
+    var = torch.einsum("hqk,hqk->hq", a, ((off[None] - mean[:, :, None]) ** 2).sum(-1))
+    delta = mean.mean(1).numpy()
+    alpha = (1.0 / var.mean(1).clamp_min(1e-12)).numpy()
+    return LayerFit(delta, alpha)
+
+
+def test_theorem1_planted_vit_end_to_end():
+    from probe.conv_equivalence import conv_equivalent_vit
+
+    model = conv_equivalent_vit(depth=6, conv_layers=3, img_size=64, patch_size=8,
+                                embed_dim=24, late="random")
+    captured = {}
+    for i, blk in enumerate(model.blocks):
+        if hasattr(blk.attn, "fused_attn"):
+            blk.attn.fused_attn = False
+        blk.attn.attn_drop.register_forward_hook(
+            lambda m, inp, out, i=i: captured.__setitem__(i, out.detach())
+        )
+    with torch.no_grad():
+        model(torch.randn(4, 3, 64, 64))
+    fits = {i: _moment_fit(a, (8, 8), 1, margin=1) for i, a in captured.items()}
+    res = convlike_test(fits, config=FAST)
+    t = res.layers.set_index("layer")
+    assert (t.loc[[0, 1, 2], "conv_verdict"] == "conv-like").all()
+    assert (t.loc[[0, 1, 2], "conv_p_holm"] < 0.01).all()
+    assert (t.loc[[3, 4, 5], "conv_verdict"] == "non-local").all()
+    assert res.deepest_conv_layer == 2
+
+
+@pytest.mark.slow
+def test_convit_tiny_local_init_gpsa_layers_conv_like():
+    timm = pytest.importorskip("timm")
+    from probe.conv_equivalence import QuadraticMHSA
+
+    model = timm.create_model("convit_tiny", pretrained=False).eval()
+    fits, gpsa = {}, []
+    for i, blk in enumerate(model.blocks):
+        attn = blk.attn
+        if type(attn).__name__ != "GPSA":
+            continue
+        gpsa.append(i)
+        # pos score = w0 d_col + w1 d_row + w2 ||d||^2 + b = -alpha ||d - Delta||^2 + const
+        w = attn.pos_proj.weight.detach().double().numpy()
+        alpha = -w[:, 2]
+        delta = np.stack([w[:, 1], w[:, 0]], axis=1) / (2 * alpha[:, None])
+        fits[i] = LayerFit(delta, alpha)
+        # the extracted (Delta, alpha) reproduce GPSA's positional attention exactly
+        rel = attn.get_rel_indices(196)
+        with torch.no_grad():
+            pos = attn.pos_proj(rel).permute(0, 3, 1, 2).softmax(-1)[0].double()
+        mine = QuadraticMHSA(1, 1, torch.tensor(delta), torch.tensor(alpha)).double()
+        assert torch.allclose(mine.attention_probabilities((14, 14)), pos, atol=1e-6)
+    assert gpsa == list(range(10))
+    # the plain MHSA layers, fitted from their attention on a random image
+    captured = {}
+    for i in range(10, len(model.blocks)):
+        model.blocks[i].attn.attn_drop.register_forward_hook(
+            lambda m, inp, out, i=i: captured.__setitem__(i, out.detach())
+        )
+    with torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))
+    for i, a in captured.items():
+        fits[i] = _moment_fit(a, (14, 14), 1, margin=0)
+    res = convlike_test(fits)
+    t = res.layers.set_index("layer")
+    assert (t.loc[gpsa, "conv_kernel_size"] == 2).all()
+    assert (t.loc[gpsa, "conv_verdict"] == "conv-like").all()
+    assert (t.loc[gpsa, "conv_p_holm"] < 0.01).all()
+    assert (t.loc[[10, 11], "conv_verdict"] == "non-local").all()
+    assert res.deepest_conv_layer == 9
+
+
+def test_random_init_vit_not_conv_like():
+    timm = pytest.importorskip("timm")
+    captured = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=96).eval()
+    for i, blk in enumerate(model.blocks):
+        blk.attn.fused_attn = False
+        blk.attn.attn_drop.register_forward_hook(
+            lambda m, inp, out, i=i: captured.__setitem__(i, out.detach())
+        )
+    with torch.no_grad():
+        model(torch.randn(2, 3, 96, 96))
+    fits = {i: _moment_fit(a, (6, 6), 1, margin=0) for i, a in captured.items()}
+    res = convlike_test(fits, config=FAST)
+    assert (res.layers.conv_verdict == "non-local").all()
+    assert res.deepest_conv_layer is None
+
+
+def test_plot_convlike(tmp_path):
+    from probe.report.plots_convlike import plot_convlike
+
+    fits = _planted_model(np.random.default_rng(5), conv=2, random_local=1, nonlocal_=1)
+    res = convlike_test(fits, random_init={l: [0.1, 0.2] for l in fits}, config=FAST)
+    fig = plot_convlike(res)
+    ax = fig.axes[0]
+    trained = [ln for ln in ax.get_lines() if ln.get_label() == "trained model"][0]
+    assert trained.get_ydata().tolist() == res.layers.conv_score.tolist()
+    labels = {t.get_text() for t in ax.get_legend().get_texts()}
+    assert {"conv-like", "local but not grid", "non-local", "claim holds to layer 1"} <= labels
+    fig.savefig(tmp_path / "convlike.png")
+    assert (tmp_path / "convlike.png").stat().st_size > 1000
+    with pytest.raises(ProbeError):
+        plot_convlike(object())
+
+
+def test_jitter_null_and_model_pool_options():
+    lat = kernel_lattice(3)
+    rng = np.random.default_rng(6)
+    fits = {
+        0: LayerFit(lat + rng.normal(0, 0.03, (9, 2)), np.full(9, 30.0)),
+        1: LayerFit(rng.uniform(-1.5, 1.5, (9, 2)), np.full(9, 30.0)),
+        2: LayerFit(rng.normal(0, 0.2, (9, 2)), np.full(9, 1e-3)),
+    }
+    jit = convlike_test(fits, config=ConvLikeConfig(n_null=1999, null="jitter")).layers
+    assert jit.conv_verdict.tolist() == ["conv-like", "local but not grid", "non-local"]
+    # pooling alphas over the model lowers the null of a fully local layer (fewer local heads
+    # in the null), so its p-value can only drop: the reason "layer" is the default
+    lay = convlike_test(fits, config=ConvLikeConfig(n_null=1999)).layers
+    mod = convlike_test(fits, config=ConvLikeConfig(n_null=1999, alpha_pool="model")).layers
+    assert mod.conv_null_mean[1] < lay.conv_null_mean[1]
+    assert mod.conv_p_value[1] <= lay.conv_p_value[1]
+
+
+def _fit_from_phi(stats) -> LayerFit:
+    """Oracle fit from the reducer's quadratic-encoding moments (Cordonnier et al. Eq. 9):
+    Delta = E[delta], alpha = 1 / E||delta - Delta||^2 (2-D Gaussian, sigma^2 = 1/(2 alpha))."""
+    phi = stats.phi_mean.numpy()
+    delta = phi[:, :2]
+    var = phi[:, 2] - delta[:, 0] ** 2 + phi[:, 3] - delta[:, 1] ** 2
+    return LayerFit(delta, 1.0 / np.clip(var, 1e-12, None))
+
+
+def test_planted_vit_through_pipeline_with_random_init_null():
+    from PIL import Image
+
+    from probe.conv_equivalence import conv_equivalent_vit
+    from probe.models import resolve_model
+    from probe.pipeline import analyze
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(2)]
+    resolved = resolve_model(conv_equivalent_vit(depth=5, conv_layers=2, embed_dim=24))
+    res = analyze(resolved, images, n_bootstrap=0)
+    assert res.meta["capture_rule"] == ["quadratic-mhsa"]
+    fits = {l: _fit_from_phi(s) for l, s in res.stats.items()}
+    random_init = {l: [] for l in fits}
+    for seed in range(3):
+        ri = analyze(resolve_model(resolved.random_init(seed)), images, n_bootstrap=0)
+        for l, s in ri.stats.items():
+            f = _fit_from_phi(s)
+            random_init[l].append(convlike_score(f.delta, f.alpha))
+    out = convlike_test(fits, random_init=random_init, config=FAST)
+    t = out.layers.set_index("layer")
+    assert t.loc[[0, 1], "conv_verdict"].tolist() == ["conv-like", "conv-like"]
+    assert (t.loc[[0, 1], "conv_p_holm"] < 0.01).all()
+    assert (t.loc[[0, 1], "conv_random_init_max"] < 0.5).all()
+    assert (t.loc[[2, 3, 4], "conv_verdict"] == "non-local").all()
+    assert out.deepest_conv_layer == 1
