@@ -39,7 +39,7 @@ import contextlib
 import math
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,8 +152,16 @@ class HeadGates:
 
     Args:
         model: the model; its attention modules are found with :func:`gateable_modules`.
-        layers: indices into that list of the layers to gate (default all). Heads of other
-            layers are never touched.
+        layers: which layers to gate and how to number them (default all, numbered by
+            position in :func:`gateable_modules`):
+
+            * a sequence of indices into :func:`gateable_modules`, or
+            * a mapping ``{layer number: qualified module name}`` (e.g. the pipeline's
+              ``meta["layer_names"]``, ``{0: "blocks.0.attn", ...}``), so that the ``layer``
+              reported here is the same number as in the other tables even where the capture
+              rules recognise modules that have no gate.
+
+            Heads of other layers are never touched.
 
     Use::
 
@@ -167,31 +175,48 @@ class HeadGates:
     makes every hook a pass-through. Leaving the context removes all hooks.
 
     Raises:
-        ProbeError: if the model has no registered attention module, or ``layers`` selects
-            an index outside it.
+        ProbeError: if the model has no registered attention module, ``layers`` selects an
+            index outside it, or names a module that is missing or has no registered gate.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[int] | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, layers: Sequence[int] | Mapping[int, str] | None = None
+    ) -> None:
         found = gateable_modules(model)
-        if not found:
-            known = ", ".join(sorted(t.__qualname__ for t in _REGISTRY)) or "none"
-            raise ProbeError(
-                f"{type(model).__name__} has no attention module with a head gate "
-                f"(known: {known}); use a timm ViT/DeiT or register one with "
-                "probe.attribution.register_head_gate"
-            )
-        if layers is None:
-            layers = range(len(found))
-        layers = [int(i) for i in layers]
-        bad = [i for i in layers if not 0 <= i < len(found)]
-        if bad or not layers or len(set(layers)) != len(layers):
-            raise ProbeError(
-                f"layers {layers} must be distinct indices in 0..{len(found) - 1} "
-                f"(the model has {len(found)} gateable attention layers)"
-            )
+        if isinstance(layers, Mapping):
+            modules = dict(model.named_modules())
+            chosen: list[tuple[int, nn.Module]] = []
+            for number, name in sorted((int(k), str(v)) for k, v in layers.items()):
+                mod = modules.get(name)
+                if mod is None or type(mod) not in _REGISTRY:
+                    what = "is not in the model" if mod is None else f"is a {type(mod).__name__}"
+                    raise ProbeError(
+                        f"layer {number} ({name}) {what}, which has no head gate; attribution "
+                        "supports timm ViT/DeiT attention (register others with "
+                        "probe.attribution.register_head_gate) - or use --attribution none"
+                    )
+                chosen.append((number, mod))
+        else:
+            if not found:
+                known = ", ".join(sorted(t.__qualname__ for t in _REGISTRY)) or "none"
+                raise ProbeError(
+                    f"{type(model).__name__} has no attention module with a head gate "
+                    f"(known: {known}); use a timm ViT/DeiT or register one with "
+                    "probe.attribution.register_head_gate"
+                )
+            idx = range(len(found)) if layers is None else [int(i) for i in layers]
+            bad = [i for i in idx if not 0 <= i < len(found)]
+            if bad or len(set(idx)) != len(idx):
+                raise ProbeError(
+                    f"layers {list(idx)} must be distinct indices in 0..{len(found) - 1} "
+                    f"(the model has {len(found)} gateable attention layers)"
+                )
+            chosen = [(i, found[i][1]) for i in sorted(idx)]
+        if not chosen:
+            raise ProbeError("no layer selected for head attribution; select at least one layer")
         self.model = model
-        self.layers: list[int] = sorted(layers)
-        self.modules: list[nn.Module] = [found[i][1] for i in self.layers]
+        self.layers: list[int] = [n for n, _ in chosen]
+        self.modules: list[nn.Module] = [m for _, m in chosen]
         self.num_heads: list[int] = [
             _REGISTRY[type(m)].num_heads(m) for m in self.modules
         ]
@@ -254,7 +279,9 @@ class HeadGates:
 
 
 @contextlib.contextmanager
-def head_gates(model: nn.Module, layers: Sequence[int] | None = None) -> Iterator[HeadGates]:
+def head_gates(
+    model: nn.Module, layers: Sequence[int] | Mapping[int, str] | None = None
+) -> Iterator[HeadGates]:
     """Context manager form of :class:`HeadGates`: ``with head_gates(model) as gates: ...``."""
     with HeadGates(model, layers) as gates:
         yield gates
@@ -302,17 +329,23 @@ def _logits(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Te
     return torch.cat(outs)
 
 
-def _resolve_targets(
-    logits: torch.Tensor, labels: torch.Tensor | Sequence[int] | None
-) -> tuple[torch.Tensor, str]:
-    if labels is None:
-        return logits.argmax(-1), "predicted class (argmax of the unmodified model's logits)"
-    t = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+def _as_classes(
+    logits: torch.Tensor, classes: torch.Tensor | Sequence[int], what: str
+) -> torch.Tensor:
+    t = torch.as_tensor(classes, dtype=torch.long).reshape(-1)
     if t.shape[0] != logits.shape[0]:
-        raise ProbeError(f"got {t.shape[0]} labels for {logits.shape[0]} images; pass one per image")
+        raise ProbeError(f"got {t.shape[0]} {what} for {logits.shape[0]} images; pass one per image")
     if t.min() < 0 or t.max() >= logits.shape[1]:
-        raise ProbeError(f"labels must lie in 0..{logits.shape[1] - 1} (the model's classes)")
-    return t.to(logits.device), "given labels"
+        raise ProbeError(f"{what} must lie in 0..{logits.shape[1] - 1} (the model's classes)")
+    return t.to(logits.device)
+
+
+def _resolve_targets(
+    logits: torch.Tensor, targets: torch.Tensor | Sequence[int] | None
+) -> tuple[torch.Tensor, str]:
+    if targets is None:
+        return logits.argmax(-1), "predicted class (argmax of the unmodified model's logits)"
+    return _as_classes(logits, targets, "targets"), "given target classes"
 
 
 @dataclass
@@ -344,8 +377,8 @@ def attribute_heads(
     model: nn.Module,
     images: torch.Tensor,
     methods: Sequence[str] = METHODS,
-    labels: torch.Tensor | Sequence[int] | None = None,
-    layers: Sequence[int] | None = None,
+    targets: torch.Tensor | Sequence[int] | None = None,
+    layers: Sequence[int] | Mapping[int, str] | None = None,
     n_steps: int = 16,
     batch_size: int = 8,
     internal_batch_size: int = 32,
@@ -360,9 +393,9 @@ def attribute_heads(
         methods: any of ``"ig"`` (integrated gradients over head gates, baseline all gates
             0, ``n_steps`` Gauss-Legendre points) and ``"ablation"`` (one head's gate set to 0
             at a time).
-        labels: optional class indices ``(n_images,)``; the target logit is then the label's
-            instead of the predicted class's.
-        layers: gated layers (indices into :func:`gateable_modules`), default all.
+        targets: optional class indices ``(n_images,)`` (e.g. true labels); the attributed
+            logit is then theirs instead of the predicted class's.
+        layers: gated layers and their numbering, see :class:`HeadGates` (default all).
         n_steps: IG quadrature points; each costs one forward and backward pass per image.
         batch_size: images per captum call (memory).
         internal_batch_size: IG forward-pass batch size (``>= batch_size``).
@@ -373,7 +406,7 @@ def attribute_heads(
         ablation ``1 + num_heads`` forward passes per image.
 
     Raises:
-        ProbeError: on an unknown method, bad images, labels or layers, or a model without
+        ProbeError: on an unknown method, bad images, targets or layers, or a model without
             gateable attention.
     """
     from captum.attr import FeatureAblation, IntegratedGradients
@@ -392,7 +425,7 @@ def attribute_heads(
     with _inference_mode_params(model), HeadGates(model, layers) as gates:
         with torch.no_grad():
             logits = _logits(model, images, batch_size)
-        targets, target_desc = _resolve_targets(logits, labels)
+        targets, target_desc = _resolve_targets(logits, targets)
         nf = gates.num_features
 
         def forward(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -597,18 +630,21 @@ def ablation_check(
     k: int,
     n_random: int = 10,
     seed: int = 0,
+    targets: torch.Tensor | Sequence[int] | None = None,
     labels: torch.Tensor | Sequence[int] | None = None,
     column: str | None = None,
+    layers: Sequence[int] | Mapping[int, str] | None = None,
     batch_size: int = 16,
 ) -> AblationCheck:
     """Does ablating the top-``k`` heads of a ranking hurt more than ablating ``k`` random heads?
 
     All ``k`` heads of a condition are ablated together (gate 0, see :class:`HeadGates`).
     Random heads are drawn uniformly without replacement from all heads of the gated layers
-    (the top heads included), ``n_random`` independent draws. The target is the unmodified
-    model's predicted class, or ``labels`` when given (then accuracy is also reported).
-    Rank on other images than you check on to avoid an in-sample advantage: for the ablation
-    method, single-head drops on the same images make the top-k drop large by construction.
+    (the top heads included), ``n_random`` independent draws. The logit drop is measured for
+    the target class: the unmodified model's prediction, or ``targets`` when given; with
+    ``labels``, top-1 accuracy is reported too. Checking on the images the ranking was made
+    on gives the ranking an in-sample advantage (for the ablation method, the single-head
+    drops on those images); pass other images for an out-of-sample check.
 
     Args:
         model: classifier with gateable attention (see :func:`gateable_modules`).
@@ -618,14 +654,18 @@ def ablation_check(
         k: number of heads to ablate, ``1 <= k <= number of heads``.
         n_random: random draws.
         seed: seed of the random draws.
-        labels: optional true classes ``(n_images,)``.
+        targets: optional classes ``(n_images,)`` whose logit is measured.
+        labels: optional true classes ``(n_images,)`` for accuracy.
         column: importance column when ``ranking`` is a DataFrame.
+        layers: gated layers and their numbering, see :class:`HeadGates` (default all);
+            use the same as for the ranking.
+        batch_size: images per forward pass.
 
     Returns:
         :class:`AblationCheck`.
 
     Raises:
-        ProbeError: on bad ``k``, ranking, images or labels.
+        ProbeError: on bad ``k``, ranking, images, targets, labels or layers.
     """
     if isinstance(ranking, pd.DataFrame):
         if column is None:
@@ -635,7 +675,7 @@ def ablation_check(
     _check_images(images)
     device = next(model.parameters()).device
     images = images.to(device)
-    with _inference_mode_params(model), HeadGates(model) as gates, torch.no_grad():
+    with _inference_mode_params(model), HeadGates(model, layers) as gates, torch.no_grad():
         index = {f: j for j, f in enumerate(gates.features)}
         unknown = [f for f in ranking if f not in index]
         if unknown:
@@ -655,14 +695,15 @@ def ablation_check(
                 gates.set(None)
 
         base = run(None)
-        targets, target_desc = _resolve_targets(base, labels)
+        targets, target_desc = _resolve_targets(base, targets)
+        truth = None if labels is None else _as_classes(base, labels, "labels")
         pred = base.argmax(-1)
 
         def measure(heads):
             out = run(heads)
             drop = (base - out).gather(1, targets[:, None])[:, 0].mean()
             agree = (out.argmax(-1) == pred).double().mean()
-            acc = (out.argmax(-1) == targets).double().mean() if labels is not None else None
+            acc = None if truth is None else (out.argmax(-1) == truth).double().mean()
             return float(drop), float(agree), None if acc is None else float(acc)
 
         top = ranking[:k]
@@ -674,7 +715,7 @@ def ablation_check(
             r_drop.append(d)
             r_agree.append(a)
             r_acc.append(c)
-    acc0 = float((pred == targets).double().mean()) if labels is not None else None
+    acc0 = None if truth is None else float((pred == truth).double().mean())
     return AblationCheck(
         k=k,
         top_heads=top,
@@ -686,7 +727,7 @@ def ablation_check(
         random_agreement=np.array(r_agree),
         accuracy=acc0,
         top_accuracy=top_acc,
-        random_accuracy=np.array(r_acc) if labels is not None else None,
+        random_accuracy=None if truth is None else np.array(r_acc),
         random_heads=r_heads,
     )
 
@@ -720,3 +761,101 @@ def imagenet_labels(paths: Sequence[str | Path]) -> torch.Tensor:
             )
         out.append(order[m.group(1)])
     return torch.tensor(out, dtype=torch.long)
+
+
+def imagenet_labels_or_none(names: Sequence[str | Path], num_classes: int) -> torch.Tensor | None:
+    """:func:`imagenet_labels` when every name carries an ImageNet-1k wnid and the model has
+    1000 classes, else ``None`` (no accuracy is reported then)."""
+    if num_classes != 1000 or not names:
+        return None
+    try:
+        return imagenet_labels(names)
+    except ProbeError:
+        return None
+
+
+def default_k(num_heads: int) -> int:
+    """Heads ablated together in the check: a sixth of the gated heads, at least 1
+    (6 of DeiT-Tiny's 36)."""
+    return max(1, round(num_heads / 6))
+
+
+def add_head_attribution(
+    result,
+    model: nn.Module,
+    images: torch.Tensor,
+    methods: Sequence[str] = ("ig",),
+    targets: torch.Tensor | Sequence[int] | None = None,
+    labels: torch.Tensor | Sequence[int] | None = None,
+    k: int | None = None,
+    n_random: int = 10,
+    seed: int = 0,
+    ci: str = "fisher",
+    **attribute_kw,
+) -> None:
+    """Head attribution step of the pipeline: importance columns, correlation, ablation check.
+
+    Args:
+        result: a :class:`probe.result.AnalysisResult`; its ``meta["layer_names"]``
+            (``{layer: module name}``) selects and numbers the gated layers, so the new
+            columns join the heads table on ``(layer, head)``.
+        model: the analysed model (eval mode; parameters are not changed).
+        images: float ``(n, C, H, W)``, the analysed images (or the first ``n`` of them),
+            transformed for the model.
+        methods: ``"ig"`` and/or ``"ablation"`` (see :func:`attribute_heads`).
+        targets: classes whose logit is attributed (default the predicted class).
+        labels: true classes, for the accuracy of the ablation check (e.g. from
+            :func:`imagenet_labels_or_none`).
+        k: heads ablated together in the check (default :func:`default_k`).
+        n_random: random draws of ``k`` heads in the check.
+        seed: seed of the random draws.
+        ci: confidence interval of the correlations (see
+            :func:`probe.analyses.function_geometry.spearman_ci`).
+        **attribute_kw: passed to :func:`attribute_heads` (``n_steps``, ``batch_size``, ...).
+
+    Adds ``importance_<m>`` and ``importance_<m>_se`` to ``result.heads`` and
+    ``result.extras["attribution"]``: a dict with ``info`` (targets, baseline, timings; see
+    :class:`HeadAttribution`), ``correlation`` (:func:`importance_geometry_correlation`
+    output or ``None`` without geometry columns), ``reading`` (sentences), ``checks``
+    (``{method: AblationCheck}``, run on the same images as the attribution: in-sample),
+    ``k``. Also ``result.meta["attribution"]`` (methods, images, seconds).
+
+    Raises:
+        ProbeError: as :func:`attribute_heads` (e.g. a model family without a head gate).
+    """
+    from .analyses.function_geometry import importance_geometry_correlation, reading
+
+    layer_names = result.meta.get("layer_names") or None
+    t0 = time.perf_counter()
+    att = attribute_heads(model, images, methods=methods, targets=targets, layers=layer_names,
+                          **attribute_kw)
+    heads = result.heads.drop(columns=[c for c in att.heads.columns
+                                       if c.startswith("importance_") and c in result.heads])
+    result.heads = heads.merge(att.heads, on=["layer", "head"], how="left")
+    imp_cols = [f"importance_{m}" for m in methods]
+    try:
+        corr = importance_geometry_correlation(result.heads, importance=imp_cols, ci=ci, seed=seed)
+    except ProbeError:
+        corr = None
+    k = default_k(len(att.heads)) if k is None else k
+    checks = {}
+    t1 = time.perf_counter()
+    for m in methods:
+        checks[m] = ablation_check(
+            model, images, att.heads, k=k, column=f"importance_{m}", n_random=n_random,
+            seed=seed, targets=targets, labels=labels, layers=layer_names,
+        )
+    att.info["seconds_check"] = time.perf_counter() - t1
+    result.extras["attribution"] = {
+        "info": att.info,
+        "correlation": corr,
+        "reading": reading(corr) if corr is not None else [],
+        "checks": checks,
+        "k": k,
+        "in_sample": True,
+    }
+    result.meta["attribution"] = {
+        "methods": list(methods),
+        "num_images": int(images.shape[0]),
+        "seconds": time.perf_counter() - t0,
+    }

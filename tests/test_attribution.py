@@ -114,6 +114,10 @@ def test_gates_select_layers_and_report_features():
         assert gates.features == [(1, h) for h in range(HEADS)]
         assert len(m.blocks[0].attn.proj._forward_pre_hooks) == 0
         assert len(m.blocks[1].attn.proj._forward_pre_hooks) == 1
+    # By module name, numbered as the caller says (e.g. the pipeline's layer numbers).
+    with HeadGates(m, layers={7: "blocks.1.attn"}) as gates:
+        assert gates.features == [(7, h) for h in range(HEADS)]
+        assert gates.modules == [m.blocks[1].attn]
 
 
 def test_bad_input_raises_probe_error():
@@ -131,8 +135,14 @@ def test_bad_input_raises_probe_error():
         attribute_heads(m, images(), methods=["shap"])
     with pytest.raises(ProbeError, match="images must be"):
         attribute_heads(m, torch.zeros(3, 32, 32))
-    with pytest.raises(ProbeError, match="labels"):
-        attribute_heads(m, images(2), labels=[0, 7], methods=["ablation"])
+    with pytest.raises(ProbeError, match="targets must lie"):
+        attribute_heads(m, images(2), targets=[0, 7], methods=["ablation"])
+    with pytest.raises(ProbeError, match="got 3 labels for 2"):
+        ablation_check(m, images(2), ALL_HEADS, k=1, labels=[0, 1, 2])
+    with pytest.raises(ProbeError, match="has no head gate"):
+        HeadGates(m, layers={0: "blocks.0.mlp"})
+    with pytest.raises(ProbeError, match="not in the model"):
+        HeadGates(m, layers={0: "blocks.7.attn"})
     with pytest.raises(ProbeError, match="k must be"):
         ablation_check(m, images(2), ALL_HEADS, k=0)
     with pytest.raises(ProbeError, match="does not have"):
@@ -199,11 +209,11 @@ def test_attribution_on_selected_layers_only():
     )
 
 
-def test_given_labels_set_the_target():
+def test_given_targets_set_the_attributed_logit():
     m = planted_vit()
     x = images(4)
     labels = torch.tensor([0, 1, 2, 0])
-    r = attribute_heads(m, x, labels=labels, methods=["ablation"])
+    r = attribute_heads(m, x, targets=labels, methods=["ablation"])
     assert torch.equal(r.targets, labels)
     with torch.no_grad():
         full = m(x).gather(1, labels[:, None])[:, 0]
@@ -220,7 +230,7 @@ def test_ablation_check_on_planted_model_matches_surgery():
     x = images(6)
     ranking = [PLANTED] + [f for f in ALL_HEADS if f != PLANTED]
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
-    c = ablation_check(m, x, ranking, k=1, n_random=6, seed=0, labels=labels)
+    c = ablation_check(m, x, ranking, k=1, n_random=6, seed=0, targets=labels, labels=labels)
     with torch.no_grad():
         full = m(x)
         without = zero_head_columns(planted_vit(), [PLANTED])(x)
@@ -240,9 +250,12 @@ def test_ablation_check_on_planted_model_matches_surgery():
     df = c.to_frame()
     assert list(df.columns) == ["condition", "k", "logit_drop", "top1_agreement", "accuracy"]
     assert len(df) == 7
-    # Same seed, same draws.
-    again = ablation_check(m, x, ranking, k=1, n_random=6, seed=0)
+    # Same seed, same draws; default target = predicted class, labels only for accuracy.
+    again = ablation_check(m, x, ranking, k=1, n_random=6, seed=0, labels=labels)
     assert again.random_heads == c.random_heads
+    pred = full.argmax(-1, keepdim=True)
+    assert again.top_drop == pytest.approx(float((full - without).gather(1, pred).mean()), rel=1e-4)
+    assert again.accuracy == pytest.approx(c.accuracy)
 
 
 def test_random_head_sets_draw_distinct_heads_uniformly():
@@ -287,4 +300,38 @@ def test_deit_tiny_top_heads_matter_more_than_random_heads():
     assert len(r.heads) == 12 * 3
     for col in ("importance_ig", "importance_ablation"):
         c = ablation_check(m, x[6:], r.heads, k=6, column=col, n_random=8, seed=0, labels=labels[6:])
+        assert c.accuracy is not None
         assert c.top_drop > c.random_drops.max(), c.summary()
+
+
+def test_add_head_attribution_joins_the_pipeline_tables_and_renders_a_section(tmp_path):
+    from probe.pipeline import analyze
+    from probe.report.section_attribution import attribution_section
+
+    from probe.attribution import add_head_attribution
+
+    m = planted_vit()
+    res = analyze(m, None, conv_test=False, n_bootstrap=0, data_overrides={"input_size": (3, 32, 32)})
+    n_cols = len(res.heads.columns)
+    x = images(4)
+    add_head_attribution(res, m, x, methods=("ig", "ablation"), k=1, n_random=3, n_steps=32)
+    # The join on (layer, head) carries the same numbers as a direct call.
+    direct = attribute_heads(m, x, n_steps=32).heads.set_index(["layer", "head"])
+    joined = res.heads.set_index(["layer", "head"])
+    assert len(res.heads.columns) == n_cols + 4
+    for col in ("importance_ig", "importance_ablation", "importance_ablation_se"):
+        torch.testing.assert_close(
+            torch.tensor(joined.loc[direct.index, col].to_numpy()), torch.tensor(direct[col].to_numpy())
+        )
+    att = res.extras["attribution"]
+    assert set(att["checks"]) == {"ig", "ablation"} and att["k"] == 1
+    assert att["checks"]["ig"].top_heads == [PLANTED]
+    assert set(att["correlation"]["geometry"]) >= {"mean_distance_px", "entropy_nats"}
+    assert att["reading"][-1].startswith("Caveat")
+    sec = attribution_section(res.heads, att)
+    assert sec["title"].startswith("Which heads matter")
+    for piece in ("predicted class", "Integrated gradients", "Spearman", "in-sample", "L1H2", "<img"):
+        assert piece in sec["html"], piece
+    res.extras["sections"] = [sec]
+    report = res.write_report(tmp_path).read_text()
+    assert "Which heads matter" in report and "importance_ig" in report

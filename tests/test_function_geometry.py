@@ -108,13 +108,23 @@ def test_per_group_correlations_recover_the_planted_signs():
     assert a.loc[("mean_distance_px", "late"), "rho"] == pytest.approx(1.0)
 
 
+def test_boolean_conv_local_column_is_used_as_zero_one():
+    heads = planted_heads()
+    heads["conv_local"] = heads["importance_ablation"] > heads["importance_ablation"].median()
+    c = importance_geometry_correlation(heads).set_index(["geometry", "group"])
+    want = stats.spearmanr(heads["conv_local"].astype(float), heads["importance_ablation"]).statistic
+    assert c.loc[("conv_local", "all"), "rho"] == pytest.approx(want)
+    assert want > 0.8
+    assert any("heads the conv test calls local tend to have more" in t for t in reading(c.reset_index()))
+
+
 def test_nan_rows_are_dropped_and_missing_columns_raise():
     heads = planted_heads()
     heads.loc[:4, "importance_ablation"] = np.nan
     c = importance_geometry_correlation(heads, geometry=["mean_distance_px"])
     assert c.set_index("group").loc["all", "n_heads"] == 31
     with pytest.raises(ProbeError, match="lacks column"):
-        importance_geometry_correlation(heads, geometry=["conv_likeness"])
+        importance_geometry_correlation(heads, geometry=["r90_empirical_patches"])
     with pytest.raises(ProbeError, match="lacks column"):
         importance_geometry_correlation(heads.drop(columns="importance_ablation"))
 
@@ -128,8 +138,8 @@ def test_reading_words_follow_the_intervals():
     assert len(ent) >= 1 and ent[0].startswith("Across all heads, no clear evidence")
     assert text[0].startswith("Across all heads") and "distance" in text[0]
     # Early layers: strong positive; late: strong negative.
-    early = [s for s in text if "early layers" in s and "distance" in s]
-    late = [s for s in text if "late layers" in s and "distance" in s]
+    early = [s for s in text if "early layers" in s and "attend farther" in s]
+    late = [s for s in text if "late layers" in s and "attend farther" in s]
     assert len(early) == 1 and "tend to have more" in early[0] and "strong positive" in early[0]
     assert len(late) == 1 and "tend to have less" in late[0] and "strong negative" in late[0]
     assert "middle layers" not in joined

@@ -52,7 +52,7 @@ def test_scatter_plots_every_head_at_its_values_coloured_by_layer(tmp_path):
 
 def test_scatter_needs_its_columns():
     with pytest.raises(ProbeError, match="lacks"):
-        importance_scatter(heads_table(), x="conv_likeness")
+        importance_scatter(heads_table(), x="r90_empirical_patches")
 
 
 def test_ablation_check_plot_shows_top_and_random_drops():

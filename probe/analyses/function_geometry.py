@@ -36,11 +36,21 @@ IMPORTANCE_LABELS: dict[str, str] = {
     "importance_ablation": "ablation importance",
 }
 #: Geometry columns looked for by default (those present are used), with plain-language names.
-#: ``conv_likeness`` is the name agreed for the conv-likeness score of the heads table.
+#: Conv-likeness per head comes from the conv test (:mod:`probe.analyses.convlike`):
+#: ``r90_empirical_patches`` (radius holding 90 % of the attention around the fitted centre;
+#: small = local) and ``conv_local`` (the test's local / not local, as 1 / 0).
 GEOMETRY_LABELS: dict[str, str] = {
     "mean_distance_px": "mean attention distance",
     "entropy_nats": "attention entropy",
-    "conv_likeness": "conv-likeness",
+    "r90_empirical_patches": "90%-mass radius",
+    "conv_local": "locality in the conv test",
+}
+#: How the reading names the heads at the high end of each geometry column.
+GEOMETRY_HIGH: dict[str, str] = {
+    "mean_distance_px": "heads that attend farther",
+    "entropy_nats": "heads with more spread-out attention (higher entropy)",
+    "r90_empirical_patches": "less local heads (larger 90%-mass radius)",
+    "conv_local": "heads the conv test calls local",
 }
 GROUPS: tuple[str, ...] = ("early", "middle", "late", "all")
 
@@ -245,8 +255,9 @@ def reading(corr: pd.DataFrame) -> list[str]:
                 )
             if r["ci_low"] > 0 or r["ci_high"] < 0:
                 direction = "more" if r["rho"] > 0 else "less"
+                high = GEOMETRY_HIGH.get(geo, f"heads with a larger {gl}")
                 out.append(
-                    f"{where.capitalize()}, heads with a larger {gl} tend to have {direction} "
+                    f"{where.capitalize()}, {high} tend to have {direction} "
                     f"{il} ({_strength(r['rho'])} {'positive' if r['rho'] > 0 else 'negative'} "
                     f"rank correlation, {nums})."
                 )
