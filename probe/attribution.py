@@ -422,7 +422,11 @@ def attribute_heads(
     device = next(model.parameters()).device
     images = images.to(device)
 
-    with _inference_mode_params(model), HeadGates(model, layers) as gates:
+    # IG needs autograd even when the caller runs under no_grad / inference_mode; images made
+    # under inference_mode cannot be saved for backward, hence the clone.
+    with torch.inference_mode(False), torch.enable_grad(), _inference_mode_params(model), \
+            HeadGates(model, layers) as gates:
+        images = images.clone() if images.is_inference() else images
         with torch.no_grad():
             logits = _logits(model, images, batch_size)
         targets, target_desc = _resolve_targets(logits, targets)

@@ -335,3 +335,12 @@ def test_add_head_attribution_joins_the_pipeline_tables_and_renders_a_section(tm
     res.extras["sections"] = [sec]
     report = res.write_report(tmp_path).read_text()
     assert "Which heads matter" in report and "importance_ig" in report
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_integrated_gradients_work_under_no_grad_and_inference_mode(context):
+    m = planted_vit()
+    want = attribute_heads(m, images(2), methods=["ig"]).heads["importance_ig"]
+    with context():
+        got = attribute_heads(m, images(2), methods=["ig"]).heads["importance_ig"]
+    pd.testing.assert_series_equal(got, want)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from ..analyses.function_geometry import GEOMETRY_LABELS, IMPORTANCE_LABELS
@@ -89,7 +90,7 @@ def attribution_section(heads: pd.DataFrame, attribution: dict[str, Any]) -> dic
             f"<h3>Does the ranking find heads that matter?</h3><p class='note'>The {k} heads a "
             f"method ranks most important are switched off together and compared with "
             f"{len(next(iter(checks.values())).random_drops)} random sets of {k} heads (drawn "
-            "uniformly from all gated heads). Logit drop: mean over images of the target logit "
+            "uniformly from all gated heads; the same sets for every ranking). Logit drop: mean over images of the target logit "
             "before minus after; top-1 agreement: images whose predicted class is unchanged."
             + (" Checked on the same images the ranking was computed on (in-sample)."
                if attribution.get("in_sample") else "")
@@ -97,19 +98,18 @@ def attribution_section(heads: pd.DataFrame, attribution: dict[str, Any]) -> dic
         )
         rows = []
         for m, c in checks.items():
-            f = c.to_frame()
-            f.insert(0, "ranking", _METHOD_NAMES.get(m, m))
-            rows.append(f)
-        tab = pd.concat(rows, ignore_index=True)
-        top = tab[tab["condition"] == "top-k"]
-        rnd = tab[tab["condition"] != "top-k"].groupby("ranking", sort=False)
-        agg = {"logit_drop": "mean", "top1_agreement": "mean"}
-        if "accuracy" in tab:
-            agg["accuracy"] = "mean"
-        summary = pd.concat([
-            top.assign(condition=lambda d: "top-" + d["k"].astype(str)),
-            rnd.agg(agg).reset_index().assign(condition="random (mean)"),
-        ], ignore_index=True)[["ranking", "condition", *agg]]
+            rd = np.asarray(c.random_drops, dtype=float)
+            row = {"ranking": _METHOD_NAMES.get(m, m), "k": c.k,
+                   "top-k logit drop": c.top_drop,
+                   "random logit drop (mean)": float(rd.mean()),
+                   "random logit drop (max)": float(rd.max()),
+                   "top-k top-1 agreement": c.top_agreement,
+                   "random top-1 agreement (mean)": float(np.mean(c.random_agreement))}
+            if c.accuracy is not None:
+                row.update({"accuracy": c.accuracy, "top-k accuracy": c.top_accuracy,
+                            "random accuracy (mean)": float(np.mean(c.random_accuracy))})
+            rows.append(row)
+        summary = pd.DataFrame(rows)
         parts.append(table_html(summary))
         parts.append("<ul>" + "".join(
             f"<li><b>{esc(_METHOD_NAMES.get(m, m))}</b>: {esc(c.summary())} "
