@@ -18,10 +18,15 @@ The gates are the *input features* of the attributions, with the images held fix
   i.e. :class:`captum.attr.FeatureAblation` with baseline 0 and one feature group per head.
 
 **Target**: the raw logit (pre-softmax) of the class the unmodified model predicts for each
-image (``argmax`` of its logits), or of the given labels. **Sign**: positive importance means
+image (``argmax`` of its logits), or of given target classes. **Sign**: positive importance means
 the head raises the target logit (switching it off lowers it). **Units**: logit units; the
 reported importance is the mean over images of the per-image attribution, not normalised (the
 standard error over images is reported alongside).
+
+Cost: IG ``n_steps`` forward+backward passes per image, ablation ``1 + sum_l H_l`` forward
+passes per image. Measured for DeiT-Tiny (36 heads), 32 ImageNet photos, 2 CPU threads on a
+shared machine: IG (16 steps) 77 CPU-seconds, ablation 67-87 CPU-seconds, the ablation check
+(k = 6, 10 random draws) about 20 CPU-seconds per ranking.
 
 Extension to other attention implementations: :func:`register_head_gate` maps an attention
 module class to a function that installs the gate on one module instance (see
@@ -29,8 +34,9 @@ module class to a function that installs the gate on one module instance (see
 that changes ``forward`` is never gated by accident; register it explicitly. Families still to
 add: torchvision ``MultiheadAttention`` / ``nn.TransformerEncoderLayer`` (the output projection
 is ``out_proj``, but the fused fast path and ``F.multi_head_attention_forward`` call its weight
-directly, so a pre-hook is not enough), Hugging Face ``ViTSelfOutput`` (a pre-hook on its
-``dense`` layer, input ``(B, N, H*D)``, works like timm's).
+directly, so a pre-hook is not enough), Hugging Face ``ViTAttention`` (the layer the
+capture rules number; a pre-hook on ``module.output.dense``, whose input ``(B, N, H*D)`` is
+head-major like timm's, with ``num_heads = module.attention.num_attention_heads``).
 """
 
 from __future__ import annotations
@@ -276,6 +282,21 @@ class HeadGates:
             h.remove()
         self._handles.clear()
         self._gate = None
+
+
+def unsupported_reason(
+    model: nn.Module, layers: Sequence[int] | Mapping[int, str] | None = None
+) -> str | None:
+    """Why :class:`HeadGates` cannot gate these layers of ``model``, or ``None`` if it can.
+
+    For callers that skip the attribution with a note instead of failing (e.g. a Hugging Face
+    model, whose attention modules have no registered gate yet).
+    """
+    try:
+        HeadGates(model, layers)
+    except ProbeError as e:
+        return str(e)
+    return None
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from probe.attribution import (
     head_gates,
     imagenet_labels,
     random_head_sets,
+    unsupported_reason,
     ranking_from,
 )
 from probe.errors import ProbeError
@@ -143,6 +144,9 @@ def test_bad_input_raises_probe_error():
         HeadGates(m, layers={0: "blocks.0.mlp"})
     with pytest.raises(ProbeError, match="not in the model"):
         HeadGates(m, layers={0: "blocks.7.attn"})
+    assert "has no head gate" in unsupported_reason(m, {0: "blocks.0.mlp"})
+    assert unsupported_reason(m, {0: "blocks.0.attn"}) is None
+    assert all(not blk.attn.proj._forward_pre_hooks for blk in m.blocks)
     with pytest.raises(ProbeError, match="k must be"):
         ablation_check(m, images(2), ALL_HEADS, k=0)
     with pytest.raises(ProbeError, match="does not have"):
