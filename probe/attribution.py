@@ -26,7 +26,7 @@ standard error over images is reported alongside).
 Cost: IG ``n_steps`` forward+backward passes per image, ablation ``1 + sum_l H_l`` forward
 passes per image. Measured for DeiT-Tiny (36 heads), 32 ImageNet photos, 2 CPU threads on a
 shared machine: IG (16 steps) 77 CPU-seconds, ablation 67-87 CPU-seconds, the ablation check
-(k = 6, 10 random draws) about 20 CPU-seconds per ranking.
+(k = 6, 10 random draws: 12 forward passes per image) about 30 CPU-seconds per ranking.
 
 Extension to other attention implementations: :func:`register_head_gate` maps an attention
 module class to a function that installs the gate on one module instance (see
