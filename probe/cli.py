@@ -80,6 +80,8 @@ def analyze(
     local_radius: float = typer.Option(2.0, "--local-radius", help="a head is local when 90% of its attention lies within this many patches of its centre"),
     kernel_size: Optional[int] = typer.Option(None, "--kernel-size", help="K of the KxK lattice (default sqrt(heads) if a square >= 4, else 3)"),
     conv_level: float = typer.Option(0.01, "--conv-level", help="family-wise significance level (Holm) of the conv test"),
+    attribution: str = typer.Option("ig", "--attribution", help="head attribution with captum: ig, ablation, both or none"),
+    attribution_images: int = typer.Option(16, "--attribution-images", help="the first N analysed images are used for the attribution"),
 ) -> None:
     """Capture attention, compute per-head statistics and write report.html and heads.csv."""
     from .analyses.convlike import ConvLikeConfig
@@ -114,6 +116,7 @@ def analyze(
                     conv_config=ConvLikeConfig(kernel_size=kernel_size, r_local=local_radius,
                                                level=conv_level, seed=seed),
                     null_seeds=null_seeds, null_images=null_images,
+                    attribution=attribution, attribution_images=attribution_images,
                 )
         for w in caught:
             if "unreadable image" in str(w.message):
@@ -140,6 +143,11 @@ def _summary(result) -> None:
     if cl is not None:
         verdicts = ", ".join(f"{int(r.layer)}: {r.conv_verdict}" for _, r in cl.layers.iterrows())
         Console().print(f"conv test — {cl.summary()}\n  per layer: {verdicts}")
+    att = result.extras.get("attribution")
+    for m, c in (att["checks"].items() if att else []):
+        Console().print(f"attribution ({m}) — {c.summary()}")
+    if "attribution_skipped" in result.meta:
+        console.print(f"[yellow]attribution skipped:[/] {result.meta['attribution_skipped']}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -73,6 +73,9 @@ def analyze(
     conv_config: ConvLikeConfig | None = None,
     null_seeds: int = 3,
     null_images: int = 8,
+    attribution: str = "none",
+    attribution_images: int = 16,
+    ig_steps: int = 16,
 ) -> AnalysisResult:
     """Analyse the attention heads of ``model`` on ``images``.
 
@@ -101,6 +104,11 @@ def analyze(
         null_seeds: random-init copies of the architecture for the test's null (a); skipped
             when the analysed weights are themselves a random init.
         null_images: images (the first of the analysed ones) each random-init copy sees.
+        attribution: head attribution with captum (:mod:`probe.attribution`): ``"ig"``
+            (integrated gradients over per-head gates), ``"ablation"``, ``"both"`` or ``"none"``;
+            skipped with a reason in ``meta["attribution_skipped"]`` for families without gates.
+        attribution_images: the first N analysed images are attributed.
+        ig_steps: integration steps of integrated gradients.
 
     Returns:
         An :class:`~probe.result.AnalysisResult` (``heads`` / ``layers`` DataFrames,
@@ -111,6 +119,8 @@ def analyze(
     """
     t0 = time.perf_counter()
     dev = resolve_device(device)
+    if attribution not in ("none", "ig", "ablation", "both"):
+        raise ProbeError(f"unknown --attribution {attribution!r}; use ig, ablation, both or none")
     if batch_size < 1:
         raise ProbeError(f"--batch-size must be at least 1, got {batch_size}")
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(
@@ -141,11 +151,16 @@ def analyze(
     capture = AttentionCapture(selected, sink)
     total = len(image_set)
     done = 0
+    kept: list[torch.Tensor] = []  # images kept for the attribution (at most attribution_images)
+    kept_n = 0
     names: list[str] = []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (amp and dev.type == "cuda") else None
     with capture, torch.no_grad():
         for batch, batch_names in iter_batches(image_set, transform, batch_size, mode):
             batch = batch.to(dev, non_blocking=True)
+            if attribution != "none" and kept_n < attribution_images:
+                kept.append(batch[: attribution_images - kept_n].float())
+                kept_n += kept[-1].shape[0]
             if autocast is not None:
                 with autocast:
                     net(batch)
@@ -211,6 +226,17 @@ def analyze(
         add_conv_test(result, cfg, null)
         meta["conv_null_seeds"] = len(next(iter(null.values()), []))
         meta["conv_null_images"] = min(null_images, done) if null else 0
+    if attribution != "none":
+        from .attribution import add_head_attribution, imagenet_labels_or_none, unsupported_reason
+
+        reason = unsupported_reason(net, meta["layer_names"])
+        if reason is None:
+            x = torch.cat(kept)
+            labels = imagenet_labels_or_none(names[: x.shape[0]], int(getattr(net, "num_classes", 0) or 0))
+            add_head_attribution(result, net, x, labels=labels, seed=seed, n_steps=ig_steps,
+                                 methods=("ig", "ablation") if attribution == "both" else (attribution,))
+        else:
+            meta["attribution_skipped"] = reason
     meta["runtime_s"] = time.perf_counter() - t0
     return result
 
