@@ -49,6 +49,16 @@ def _parse_floats(text: Optional[str], n: int, option: str) -> Optional[tuple[fl
     return vals
 
 
+def _parse_query(text: Optional[str], geometry) -> Optional[int]:
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*[,xX]\s*(\d+)\s*", text)
+    rows, cols = geometry.grid
+    if not m or not (int(m.group(1)) < rows and int(m.group(2)) < cols):
+        raise ProbeError(f"--query {text!r} must be ROW,COL inside the {rows}x{cols} patch grid")
+    return int(m.group(1)) * cols + int(m.group(2))
+
+
 def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
 
@@ -82,6 +92,7 @@ def analyze(
     conv_level: float = typer.Option(0.01, "--conv-level", help="family-wise significance level (Holm) of the conv test"),
     attribution: str = typer.Option("ig", "--attribution", help="head attribution with captum: ig, ablation, both or none"),
     attribution_images: int = typer.Option(16, "--attribution-images", help="the first N analysed images are used for the attribution"),
+    query: Optional[str] = typer.Option(None, "--query", help="query patch ROW,COL whose mean attention map the report shows (default: the central patch)"),
 ) -> None:
     """Capture attention, compute per-head statistics and write report.html and heads.csv."""
     from .analyses.convlike import ConvLikeConfig
@@ -121,7 +132,7 @@ def analyze(
         for w in caught:
             if "unreadable image" in str(w.message):
                 console.print(f"[yellow]warning:[/] {w.message}")
-        report = result.write_report(out_dir)
+        report = result.write_report(out_dir, query=_parse_query(query, result.geometry))
     except ProbeError as e:
         console.print(f"[red]error:[/] {e}")
         raise typer.Exit(2)
