@@ -73,7 +73,7 @@ def analyze(
     conv_config: ConvLikeConfig | None = None,
     null_seeds: int = 3,
     null_images: int = 8,
-    attribution: str = "none",
+    attribution: str = "ig",
     attribution_images: int = 16,
     ig_steps: int = 16,
 ) -> AnalysisResult:
