@@ -45,6 +45,66 @@ class ImageSet:
         return [str(i[0]) if isinstance(i, tuple) else str(i) for i in self.items]
 
 
+class TensorImages:
+    """Images already decoded and transformed into model input, streamed batch by batch.
+
+    For callers that prepare their own inputs (a dataset pipeline, a benchmark): no file is read
+    and no transform is applied. Batches are made on the fly, so a long stream can be generated
+    from a small pool: memory is that of the pool plus one batch, whatever ``num_images`` is.
+
+    Args:
+        pool: float tensor ``(N, C, H, W)``, images after the model's eval transform
+            (see :func:`eval_transform`).
+        num_images: images to stream; default ``N``. Image ``i`` is ``pool[i % N]``, so more than
+            ``N`` cycles through the pool.
+        description: where the images came from, for the report.
+
+    Attributes:
+        skipped: always empty (nothing can fail to decode); present for parity with
+            :class:`ImageSet`.
+
+    Raises:
+        ProbeError: if ``pool`` is not a non-empty 4-D floating tensor or ``num_images < 1``.
+    """
+
+    def __init__(self, pool: torch.Tensor, num_images: int | None = None, description: str | None = None):
+        if not isinstance(pool, torch.Tensor) or pool.dim() != 4 or pool.shape[0] < 1 or not pool.is_floating_point():
+            shape = tuple(pool.shape) if isinstance(pool, torch.Tensor) else type(pool).__name__
+            raise ProbeError(
+                f"an image tensor must be float (N, C, H, W) with N >= 1, got {shape}; "
+                "stack transformed images with torch.stack"
+            )
+        if num_images is not None and num_images < 1:
+            raise ProbeError(f"--num-images must be at least 1, got {num_images}")
+        self.pool = pool
+        self.num_images = int(pool.shape[0] if num_images is None else num_images)
+        n = pool.shape[0]
+        cyc = f", cycled to {self.num_images}" if self.num_images > n else ""
+        self.description = description or f"tensor of {n} transformed images{cyc}"
+        self.skipped: list[str] = []
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one image."""
+        return tuple(int(v) for v in self.pool.shape[1:])
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
+        """Yield ``(batch (B, C, H, W), names)``; each batch is a new tensor gathered from the pool.
+
+        Raises:
+            ProbeError: if ``batch_size < 1``.
+        """
+        if batch_size < 1:
+            raise ProbeError(f"--batch-size must be at least 1, got {batch_size}")
+        n = self.pool.shape[0]
+        for start in range(0, self.num_images, batch_size):
+            idx = torch.arange(start, min(start + batch_size, self.num_images)) % n
+            yield self.pool.index_select(0, idx.to(self.pool.device)), [f"image_{int(i)}" for i in idx]
+
+
 def _expand(source: str | Path) -> list[Path]:
     p = Path(source)
     if p.is_dir():

@@ -21,7 +21,7 @@ from .capture import (
     infer_geometries,
     parse_layers,
 )
-from .data import ImageSet, collect_images, eval_transform, iter_batches
+from .data import ImageSet, TensorImages, collect_images, eval_transform, iter_batches
 from .errors import CaptureError, ProbeError
 from .models import ResolvedModel, resolve_model
 from .analyses.convlike import ConvLikeConfig
@@ -51,7 +51,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def analyze(
     model: str | nn.Module | ResolvedModel,
-    images: str | Path | Sequence[Any] | ImageSet | None = None,
+    images: str | Path | Sequence[Any] | ImageSet | TensorImages | torch.Tensor | None = None,
     *,
     layers: str | Sequence[int] | None = "all",
     weights: str | Path | None = None,
@@ -83,7 +83,9 @@ def analyze(
         model: timm name or alias, ``package.module:factory``, an ``nn.Module`` or a
             :class:`~probe.models.ResolvedModel`.
         images: folder / file / glob / list of paths or PIL images; ``None`` uses the embedded
-            scikit-learn sample photos.
+            scikit-learn sample photos; or images already transformed to model input: a float
+            tensor ``(N, C, H, W)`` (the first ``num_images`` are used) or a
+            :class:`~probe.data.TensorImages` stream.
         layers: ``"all"``, ``"0-4"``, ``"0,2,5"`` or a list of layer indices.
         weights: local checkpoint (safetensors or weights-only torch file).
         random_init: analyse random weights (explicit opt-in).
@@ -127,11 +129,22 @@ def analyze(
         model, weights=weights, random_init=random_init, seed=seed
     )
     net = resolved.model.to(dev).eval()
-    image_set = images if isinstance(images, ImageSet) else collect_images(images, num_images, seed)
+    if isinstance(images, torch.Tensor):
+        image_set: ImageSet | TensorImages = TensorImages(images[:num_images] if num_images else images)
+    elif isinstance(images, (ImageSet, TensorImages)):
+        image_set = images
+    else:
+        image_set = collect_images(images, num_images, seed)
 
     transform, data_cfg = eval_transform(net, data_overrides)
     input_shape = tuple(int(v) for v in data_cfg["input_size"])
     mode = "L" if input_shape[0] == 1 else "RGB"
+    if isinstance(image_set, TensorImages) and image_set.image_shape != input_shape:
+        raise ProbeError(
+            f"the image tensor holds {image_set.image_shape} images but {resolved.name} takes "
+            f"{input_shape}; transform them with probe.data.eval_transform(model) or set "
+            "data_overrides={'input_size': ...}"
+        )
     all_layers = find_attention_layers(net, input_shape)
     if not all_layers:
         raise CaptureError(
@@ -156,7 +169,11 @@ def analyze(
     names: list[str] = []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (amp and dev.type == "cuda") else None
     with capture, torch.no_grad():
-        for batch, batch_names in iter_batches(image_set, transform, batch_size, mode):
+        if isinstance(image_set, TensorImages):
+            batches = image_set.batches(batch_size)
+        else:
+            batches = iter_batches(image_set, transform, batch_size, mode)
+        for batch, batch_names in batches:
             batch = batch.to(dev, non_blocking=True)
             if attribution != "none" and kept_n < attribution_images:
                 kept.append(batch[: attribution_images - kept_n].float())
@@ -241,22 +258,29 @@ def analyze(
     return result
 
 
-def _random_init_scores(resolved: ResolvedModel, image_set: ImageSet, layers: list[int],
+def _random_init_scores(resolved: ResolvedModel, image_set: ImageSet | TensorImages, layers: list[int],
                         config: ConvLikeConfig, n_seeds: int, n_images: int, **kw) -> dict[int, list[float]]:
     """Conv-likeness scores of random-init copies of the architecture (null (a) of the test).
 
     Each copy (seeds ``1000 + seed + i``) is analysed on the first ``n_images`` images with the
     same layers, geometry options and fits; returns ``{layer: [score per seed]}``.
     """
-    subset = ImageSet(list(image_set.items[:max(1, n_images)]), image_set.description)
+    if isinstance(image_set, TensorImages):
+        def subset_images() -> TensorImages:
+            return TensorImages(image_set.pool, min(max(1, n_images), len(image_set)), image_set.description)
+    else:
+        subset = ImageSet(list(image_set.items[:max(1, n_images)]), image_set.description)
+
+        def subset_images() -> ImageSet:
+            return ImageSet(list(subset.items), subset.description)
     scores: dict[int, list[float]] = {l: [] for l in layers}
     base = 1000 + kw["seed"]
     for i in range(n_seeds):
         net = resolved.random_init(base + i)
         twin = ResolvedModel(net, resolved.name, f"random init (seed {base + i})",
                              resolved.num_params, resolved.pretrained_cfg, resolved.rebuild)
-        res = analyze(twin, ImageSet(list(subset.items), subset.description), layers=layers,
-                      n_bootstrap=0, conv_test=False, fits=True, **kw)
+        res = analyze(twin, subset_images(), layers=layers,
+                      n_bootstrap=0, conv_test=False, fits=True, attribution="none", **kw)
         for layer, s in layer_scores(res.heads, config).items():
             scores[layer].append(s)
     return scores

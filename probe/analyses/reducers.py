@@ -21,6 +21,7 @@ so standard errors and bootstrap intervals need no per-image storage.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -43,15 +44,28 @@ FEATURES: tuple[str, ...] = (
 #: Slice of :data:`FEATURES` holding the quadratic-encoding sufficient statistics.
 PHI = slice(4, 9)
 
+_TINY = torch.finfo(torch.float32).tiny
+
+#: Attention entries reduced at once (16 MiB of float32): larger batches are split into chunks of
+#: whole images, which keeps the reducer's temporaries cache-sized and its memory bounded.
+CHUNK_ELEMENTS = 1 << 22
+
 
 def feature_tables(geometry: TokenGeometry) -> torch.Tensor:
     """Per-(query, key) values whose attention-weighted sum gives the patch-key features.
+
+    Computed once per geometry and cached (the result is shared: do not modify it in place).
 
     Returns:
         float64 tensor ``(P * P, 7)``: columns are the distance in patches, the distance in
         pixels, and ``phi`` (5 columns) for each (query, key) pair of patch tokens, flattened
         query-major. Divided by ``P`` so that a contraction with ``A'`` averages over queries.
     """
+    return _feature_tables(geometry)
+
+
+@functools.lru_cache(maxsize=16)
+def _feature_tables(geometry: TokenGeometry) -> torch.Tensor:
     off = geometry.offsets()
     dr, dc = off[..., 0], off[..., 1]
     cols = [
@@ -166,7 +180,8 @@ class LayerReducer:
         self.layer = layer
         self.geometry = geometry
         self.n_bootstrap = n_bootstrap
-        self._gen = torch.Generator().manual_seed(seed * 1_000_003 + layer)
+        self.seed = seed
+        self._gen: torch.Generator | None = None
         self._tables: dict[torch.device, torch.Tensor] = {}
         self.n_images = 0
         self.attn_sum: torch.Tensor | None = None
@@ -176,13 +191,32 @@ class LayerReducer:
         self.boot_weight = torch.zeros(n_bootstrap, dtype=torch.float64)
 
     def _table(self, device: torch.device) -> torch.Tensor:
+        """The feature table per query, float32 ``(P, P, 7)`` on ``device`` (not divided by P)."""
         if device not in self._tables:
-            self._tables[device] = feature_tables(self.geometry).to(device, torch.float32)
+            p = self.geometry.num_patches
+            per_query = (feature_tables(self.geometry) * p).reshape(p, p, -1)
+            self._tables[device] = per_query.to(device, torch.float32)
         return self._tables[device]
+
+    def _init_sums(self, heads: int, device: torch.device) -> None:
+        """Allocate the float64 sums on ``device`` (where the attention lives: no per-batch copy to
+        the host, so a GPU run never waits on the host) and seed the bootstrap generator there."""
+        nf = len(FEATURES)
+        p = self.geometry.num_patches
+        f64 = dict(dtype=torch.float64, device=device)
+        self.attn_sum = torch.zeros(heads, p, p, **f64)
+        self.feat_sum = torch.zeros(heads, nf, **f64)
+        self.feat_sumsq = torch.zeros(heads, nf, **f64)
+        self.boot_sum = torch.zeros(self.n_bootstrap, heads, nf, **f64)
+        self.boot_weight = torch.zeros(self.n_bootstrap, **f64)
+        self._gen = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + self.layer)
 
     @torch.no_grad()
     def update(self, attn: torch.Tensor) -> None:
         """Accumulate one batch.
+
+        The batch is reduced in chunks of at most :data:`CHUNK_ELEMENTS` attention entries (at
+        least one image), so the temporaries stay cache-sized and bounded whatever the batch size.
 
         Args:
             attn: attention probabilities ``(batch, heads, tokens, tokens)``, rows summing to 1,
@@ -198,38 +232,54 @@ class LayerReducer:
             )
         g = self.geometry
         g.check_tokens(attn.shape[-1], where=f"layer {self.layer} attention")
-        a = attn.float()
-        b, h = a.shape[:2]
-        n_pre = g.num_prefix_tokens
-        rows = a[:, :, n_pre:, :]  # patch queries, all keys
-        patch = rows[..., n_pre:]  # (b, h, P, P)
-        patch_mass = patch.sum(-1, keepdim=True)
-        a_prime = patch / patch_mass.clamp_min(1e-30)
-
-        feats = torch.empty(b, h, len(FEATURES), device=a.device, dtype=torch.float32)
-        feats[..., [0, 1, 4, 5, 6, 7, 8]] = (a_prime.reshape(b * h, -1) @ self._table(a.device)).reshape(b, h, -1)
-        feats[..., 2] = -torch.special.xlogy(rows, rows).sum(-1).mean(-1)
-        feats[..., 3] = rows[..., :n_pre].sum(-1).mean(-1)
-        feats64 = feats.double().cpu()
-        attn_batch = a_prime.sum(0).double().cpu()
-
+        b, h = attn.shape[:2]
         if self.attn_sum is None:
-            self.attn_sum = torch.zeros_like(attn_batch)
-            self.feat_sum = torch.zeros(h, len(FEATURES), dtype=torch.float64)
-            self.feat_sumsq = torch.zeros_like(self.feat_sum)
-            self.boot_sum = torch.zeros(self.n_bootstrap, h, len(FEATURES), dtype=torch.float64)
+            self._init_sums(h, attn.device)
         elif self.attn_sum.shape[0] != h:
             raise ProbeError(
                 f"layer {self.layer}: head count changed from {self.attn_sum.shape[0]} to {h}"
             )
-        self.attn_sum += attn_batch
+        step = max(1, CHUNK_ELEMENTS // max(1, attn[0].numel()))
+        if step >= b:
+            feats64 = self._reduce(attn)
+        else:
+            feats64 = torch.cat([self._reduce(attn[i:i + step]) for i in range(0, b, step)])
         self.feat_sum += feats64.sum(0)
-        self.feat_sumsq += feats64.pow(2).sum(0)
+        self.feat_sumsq += feats64.square().sum(0)
         if self.n_bootstrap:
-            w = torch.poisson(torch.ones(self.n_bootstrap, b, dtype=torch.float64), self._gen)
-            self.boot_sum += torch.einsum("rb,bhf->rhf", w, feats64)
+            ones = torch.ones(self.n_bootstrap, b, dtype=torch.float64, device=attn.device)
+            w = torch.poisson(ones, self._gen)
+            self.boot_sum += (w @ feats64.view(b, -1)).view(self.n_bootstrap, h, -1)
             self.boot_weight += w.sum(1)
         self.n_images += b
+
+    def _reduce(self, attn: torch.Tensor) -> torch.Tensor:
+        """Add the chunk's ``A'`` to :attr:`attn_sum`; return its per-image features, float64
+        ``(b, heads, F)``. One pass per elementwise step over the chunk, no copy to the host."""
+        a = attn if attn.dtype == torch.float32 else attn.float()
+        b, h = a.shape[:2]
+        n_pre, p = self.geometry.num_prefix_tokens, self.geometry.num_patches
+        rows = a[:, :, n_pre:, :]  # patch queries, all keys: one contiguous block per (image, head)
+        patch = rows[..., n_pre:] if n_pre else rows  # (b, h, P, P)
+
+        feats64 = torch.empty(b, h, len(FEATURES), device=a.device, dtype=torch.float64)
+        # Entropy: -sum p ln p over all keys of the patch queries, in one temporary. Clamping
+        # before the log makes p = 0 contribute 0 * ln(tiny) = 0 (the limit), as xlogy does.
+        plogp = rows.clamp_min(_TINY)
+        plogp.log_().mul_(rows)
+        feats64[..., 2] = plogp.view(b, h, -1).sum(-1).mul_(-1.0 / p)
+        del plogp
+        feats64[..., 3] = rows[..., :n_pre].sum(-1).mean(-1)  # prefix mass, read directly
+        # Renormalised patch attention A' (contiguous), then every patch-key feature at once: for
+        # each patch query q, (b*h, P) @ (P, 7) in float32; the mean over queries in float64.
+        patch_mass = patch.sum(-1, keepdim=True)
+        a_prime = patch / patch_mass.clamp_min(1e-30)
+        per_query = torch.bmm(a_prime.view(b * h, p, p).transpose(0, 1), self._table(a.device))
+        tab = per_query.sum(0, dtype=torch.float64).div_(p).view(b, h, -1)
+        feats64[..., 0:2] = tab[..., 0:2]
+        feats64[..., 4:] = tab[..., 2:]
+        self.attn_sum += a_prime.sum(0)
+        return feats64
 
     def result(self) -> LayerStats:
         """The accumulated statistics.
@@ -243,9 +293,9 @@ class LayerReducer:
             layer=self.layer,
             geometry=self.geometry,
             n_images=self.n_images,
-            attn_sum=self.attn_sum.clone(),
-            feat_sum=self.feat_sum.clone(),
-            feat_sumsq=self.feat_sumsq.clone(),
-            boot_sum=self.boot_sum.clone(),
-            boot_weight=self.boot_weight.clone(),
+            attn_sum=self.attn_sum.detach().to("cpu", copy=True),
+            feat_sum=self.feat_sum.detach().to("cpu", copy=True),
+            feat_sumsq=self.feat_sumsq.detach().to("cpu", copy=True),
+            boot_sum=self.boot_sum.detach().to("cpu", copy=True),
+            boot_weight=self.boot_weight.detach().to("cpu", copy=True),
         )

@@ -1,0 +1,631 @@
+"""Benchmark harness: throughput and peak memory of probe against the forward pass and a naive baseline.
+
+Usage (from the repository root)::
+
+    python bench/run.py                 # full run: DeiT-Tiny + ViT-S/16, batch 1/16/64, memory curve
+    python bench/run.py --quick         # DeiT-Tiny only, smaller memory curve (a few minutes)
+    python bench/run.py --device cuda --amp --models vit_small --batch-sizes 256 --memory-curve ""
+
+It writes ``bench/results.json`` (every number, the machine description, the target checks) and
+``bench/RESULTS.md`` (tables and the ratios c/a, c/b, c/d). See :mod:`variants` for the four
+workloads a/b/c/d.
+
+Method:
+
+* Images: the first N photos of ``../shared/data/imagenet-sample`` (cycled when N > 500), decoded,
+  converted to RGB and passed through each model's eval transform ONCE; the resulting tensor is
+  handed to every workload, so decoding and resizing are not timed.
+* Each (model, workload) runs in its own fresh process; its peak resident memory (``VmHWM``) is
+  reset before each batch size, so the peak reported is that configuration's own. The four workers
+  of a model stay alive together; after one warm-up batch each, their timed repeats are interleaved
+  (workload order rotated every repeat), and the median is reported.
+* Memory curve: one fresh process per (workload, number of images), batch 64, the images streamed
+  from a fixed pool of ``--pool`` pre-transformed photos (batches gathered on the fly), so a
+  growing peak can only come from what the workload keeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+for p in (str(ROOT), str(HERE)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import torch  # noqa: E402
+
+import variants  # noqa: E402
+
+DEFAULT_IMAGE_DIR = ROOT.parent / "shared" / "data" / "imagenet-sample"
+#: Relative cost of one image's forward pass, used to choose image counts per configuration.
+MODEL_COST = {"deit_tiny": 1.0, "vit_small": 4.0}
+
+TARGETS = {
+    "c_over_b_min": 0.8,
+    "c_over_d_min": 3.0,
+    "memory_flat_tolerance": 0.10,
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------- machine
+def machine_description(device: str) -> dict[str, Any]:
+    """CPU model, cores, memory, library versions, load; GPU name when ``device`` is cuda."""
+    import timm
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_total = _meminfo("MemTotal")
+    desc = {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_total_gb": round(mem_total / 2**30, 1) if mem_total else None,
+        "torch": torch.__version__,
+        "torch_threads_default": torch.get_num_threads(),
+        "timm": timm.__version__,
+        "numpy": __import__("numpy").__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        desc["gpu"] = torch.cuda.get_device_name(0)
+        desc["cuda"] = torch.version.cuda
+    return desc
+
+
+def _meminfo(key: str) -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+# ---------------------------------------------------------------------------------------- images
+def prepare_images(model_name: str, count: int, image_dir: Path | None, tmp: Path) -> Path:
+    """Decode and transform ``count`` photos for ``model_name`` once; save the tensor; return its path.
+
+    Photos are taken in sorted order and cycled when ``count`` exceeds the folder. With
+    ``image_dir=None`` seeded random images stand in (clearly marked in the results).
+    """
+    from PIL import Image
+
+    from probe.data import eval_transform
+
+    out = tmp / f"{model_name}_{count}.pt"
+    if out.exists():
+        return out
+    resolved = variants.load_model(model_name)
+    transform, cfg = eval_transform(resolved.model)
+    if image_dir is None:
+        g = torch.Generator().manual_seed(0)
+        pool = torch.randn(count, *cfg["input_size"], generator=g)
+    else:
+        files = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in {".jpeg", ".jpg", ".png"})
+        decoded = {}
+        tensors = []
+        for i in range(count):
+            f = files[i % len(files)]
+            if f not in decoded:
+                with Image.open(f) as im:
+                    decoded[f] = transform(im.convert("RGB"))
+            tensors.append(decoded[f])
+        pool = torch.stack(tensors)
+    torch.save(pool, out)
+    return out
+
+
+def model_shape(model_name: str) -> dict[str, int]:
+    """Layers, heads and tokens of a model (for the naive baseline's memory estimate)."""
+    resolved = variants.load_model(model_name)
+    m = resolved.model
+    attn = [a for a in m.modules() if hasattr(a, "fused_attn") and hasattr(a, "num_heads")]
+    tokens = int(m.num_prefix_tokens) + int(m.patch_embed.num_patches)
+    return {"layers": len(attn), "heads": int(attn[0].num_heads), "tokens": tokens}
+
+
+# --------------------------------------------------------------------------------------- workers
+class Worker:
+    """A fresh process running one workload (see :func:`variants.worker_main`).
+
+    The process starts at construction; :meth:`ready` waits for its setup to finish, so several
+    workers can load in parallel.
+    """
+
+    def __init__(self, spec: dict[str, Any]):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=variants.worker_main, args=(child, spec), daemon=True)
+        self.proc.start()
+        child.close()
+        self.spec = spec
+        self.setup: dict[str, Any] | None = None
+
+    def ready(self) -> "Worker":
+        if self.setup is None:
+            self.setup = self._reply()
+        return self
+
+    def _reply(self):
+        try:
+            status, value = self.conn.recv()
+        except EOFError:
+            self.proc.join(5)
+            raise RuntimeError(
+                f"worker {self.spec['variant']} ({self.spec['model']}, {self.spec['num_images']} images) "
+                f"died (exit code {self.proc.exitcode}; out of memory?)"
+            ) from None
+        if status != "ok":
+            raise RuntimeError(f"worker {self.spec['variant']} failed:\n{value}")
+        return value
+
+    def call(self, *cmd):
+        self.ready()
+        self.conn.send(cmd)
+        return self._reply()
+
+    def close(self) -> None:
+        try:
+            self.call("exit")
+        except (RuntimeError, OSError, EOFError):
+            pass
+        self.proc.join(30)
+        if self.proc.is_alive():
+            self.proc.terminate()
+
+
+def auto_images(model: str, batch_size: int) -> int:
+    """Images per timed repeat: about 16 DeiT-Tiny-equivalents, at least one full batch."""
+    cost = MODEL_COST.get(model, 4.0)
+    base = {1: 16, 16: 32}.get(batch_size, batch_size)
+    n = max(batch_size, int(base / max(cost / 2, 1.0)))
+    return int(-(-n // batch_size) * batch_size)
+
+
+def measure_throughput(model, configs, names, args, images_path) -> list[dict]:
+    """Time the workloads ``names`` of one model for each ``(batch_size, num_images)`` in ``configs``.
+
+    One process per workload, kept for all batch sizes (peak memory reset before each); one
+    warm-up batch, then the timed repeats interleaved with the workload order rotated each repeat.
+    """
+    base = {
+        "model": model, "images": str(images_path), "num_images": max(n for _, n in configs),
+        "device": args.device, "amp": args.amp, "threads": args.threads, "seed": 0,
+    }
+    workers = {v: Worker({**base, "variant": v}) for v in names}
+    rows = []
+    try:
+        for w in workers.values():
+            w.ready()
+        for batch_size, num_images in configs:
+            log(f"throughput {model} batch {batch_size}: {num_images} images x {args.repeats} repeats, "
+                f"workloads {','.join(names)}")
+            before = {v: workers[v].call("reset") for v in names}
+            for v in names:
+                workers[v].call("run", batch_size, batch_size)  # warm-up: one batch
+            times: dict[str, list[float]] = {v: [] for v in names}
+            for r in range(args.repeats):
+                order = names[r % len(names):] + names[: r % len(names)]
+                for v in order:
+                    times[v].append(workers[v].call("run", num_images, batch_size))
+            for v in names:
+                st = workers[v].call("stats")
+                med = statistics.median(times[v])
+                rows.append({
+                    "model": model, "batch_size": batch_size, "num_images": num_images, "variant": v,
+                    "times_s": [round(t, 4) for t in times[v]], "median_s": round(med, 4),
+                    "images_per_s": round(num_images / med, 3),
+                    "peak_rss_mb": round(st["peak_rss_mb"], 1),
+                    "rss_before_mb": round(before[v]["rss_mb"], 1),
+                    "peak_reset": before[v]["reset"],
+                    "setup_rss_mb": round(workers[v].setup["setup_rss_mb"], 1),
+                    "cuda_peak_mb": round(st["cuda_peak_mb"], 1) if "cuda_peak_mb" in st else None,
+                    "threads": st["threads"],
+                    "summary": st["summary"],
+                })
+                log(f"  {v}: {rows[-1]['images_per_s']:.2f} img/s, peak {rows[-1]['peak_rss_mb']:.0f} MiB")
+        return rows
+    finally:
+        for w in workers.values():
+            w.close()
+
+
+def measure_memory(model, counts, names, args, pool_path, shape) -> list[dict]:
+    """Peak memory of each workload for each image count; a fresh process per point."""
+    rows = []
+    avail = _meminfo("MemAvailable")
+    for n in counts:
+        for v in names:
+            if v == "d":
+                need = n * shape["layers"] * shape["heads"] * shape["tokens"] ** 2 * 4 * 1.5
+                if avail is not None and need > 0.7 * avail:
+                    log(f"memory curve: skip d at {n} images (needs ~{need / 2**30:.1f} GiB, "
+                        f"{avail / 2**30:.1f} GiB available)")
+                    rows.append({"model": model, "variant": v, "num_images": n, "skipped":
+                                 f"needs ~{need / 2**30:.1f} GiB of {avail / 2**30:.1f} GiB available"})
+                    continue
+            spec = {
+                "model": model, "images": str(pool_path), "num_images": n,
+                "batch_size": args.memory_batch_size, "device": args.device, "amp": args.amp,
+                "threads": args.threads, "seed": 0, "variant": v,
+            }
+            w = Worker(spec).ready()
+            try:
+                t = w.call("run", None)
+                st = w.call("stats")
+            finally:
+                w.close()
+            rows.append({
+                "model": model, "variant": v, "num_images": n, "batch_size": args.memory_batch_size,
+                "peak_rss_mb": round(st["peak_rss_mb"], 1),
+                "setup_rss_mb": round(w.setup["setup_rss_mb"], 1),
+                "cuda_peak_mb": round(st["cuda_peak_mb"], 1) if "cuda_peak_mb" in st else None,
+                "seconds": round(t, 2), "images_per_s": round(n / t, 3),
+            })
+            log(f"memory {model} {v} n={n}: peak {rows[-1]['peak_rss_mb']:.0f} MiB "
+                f"(setup {rows[-1]['setup_rss_mb']:.0f}), {n / t:.1f} img/s")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- report
+def ratios(rows: list[dict]) -> list[dict]:
+    """Throughput ratios per (model, batch size): c/a, c/b, c/d, s/b; and the fixed cost of c.
+
+    ``fixed_s`` = median time of c minus that of s on the same images: the per-analysis cost of the
+    fits and the conv-likeness test (with its random-init null), which does not grow with the
+    number of images. ``c_over_b_at_n`` projects c/b to more images from the measured per-image
+    times of s and b plus that fixed cost; ``break_even_images`` is the count from which c/b
+    reaches the target.
+    """
+    out = []
+    keys = sorted({(r["model"], r["batch_size"]) for r in rows}, key=lambda k: (k[0], k[1]))
+    for model, bs in keys:
+        sel = {r["variant"]: r for r in rows if r["model"] == model and r["batch_size"] == bs}
+        ips = {v: r["images_per_s"] for v, r in sel.items()}
+        row: dict[str, Any] = {"model": model, "batch_size": bs}
+        for num, den in (("c", "a"), ("c", "b"), ("c", "d"), ("s", "b"), ("s", "a")):
+            if num in ips and den in ips:
+                row[f"{num}/{den}"] = round(ips[num] / ips[den], 3)
+        if all(v in sel for v in ("b", "c", "s")):
+            n = sel["c"]["num_images"]
+            fixed = sel["c"]["median_s"] - sel["s"]["median_s"]
+            per_s, per_b = sel["s"]["median_s"] / n, sel["b"]["median_s"] / n
+            row["fixed_s"] = round(fixed, 3)
+            row["c_over_b_at_n"] = {str(m): round(m * per_b / (max(fixed, 0.0) + m * per_s), 3)
+                                    for m in (1024, 10000)}
+            margin = per_b / TARGETS["c_over_b_min"] - per_s
+            row["break_even_images"] = (int(math.ceil(max(fixed, 0.0) / margin)) if margin > 0 else None)
+        out.append(row)
+    return out
+
+
+def agreement(rows: list[dict]) -> list[dict]:
+    """Largest |c - d| of the per-head statistics both compute (same images): a correctness check."""
+    out = []
+    keys = sorted({(r["model"], r["batch_size"]) for r in rows})
+    for model, bs in keys:
+        s = {r["variant"]: r.get("summary") or {} for r in rows if r["model"] == model and r["batch_size"] == bs}
+        if s.get("c") and s.get("d"):
+            row = {"model": model, "batch_size": bs}
+            for k in ("mean_distance_px", "entropy_nats", "prefix_mass"):
+                row[f"max_abs_diff_{k}"] = max(abs(x - y) for x, y in zip(s["c"][k], s["d"][k]))
+            out.append(row)
+    return out
+
+
+def memory_summary(rows: list[dict]) -> list[dict]:
+    """Per (model, workload): peak at the smallest and largest image count, growth, MiB/image."""
+    out = []
+    for model in sorted({r["model"] for r in rows}):
+        for v in sorted({r["variant"] for r in rows if r["model"] == model}):
+            pts = sorted((r["num_images"], r["peak_rss_mb"]) for r in rows
+                         if r["model"] == model and r["variant"] == v and "peak_rss_mb" in r)
+            if len(pts) < 2:
+                continue
+            (n0, m0), (n1, m1) = pts[0], pts[-1]
+            out.append({
+                "model": model, "variant": v, "from_images": n0, "to_images": n1,
+                "peak_from_mb": m0, "peak_to_mb": m1, "growth": round(m1 / m0 - 1, 4),
+                "mb_per_image": round((m1 - m0) / (n1 - n0), 3),
+            })
+    return out
+
+
+def memory_ratios(rows: list[dict]) -> list[dict]:
+    """c/b and c/d from the single runs of the memory curve, per (model, image count)."""
+    out = []
+    for model, n in sorted({(r["model"], r["num_images"]) for r in rows}):
+        ips = {r["variant"]: r["images_per_s"] for r in rows
+               if r["model"] == model and r["num_images"] == n and "images_per_s" in r}
+        row: dict[str, Any] = {"model": model, "num_images": n}
+        for den in "bd":
+            if "c" in ips and den in ips:
+                row[f"c/{den}"] = round(ips["c"] / ips[den], 3)
+        if len(row) > 2:
+            out.append(row)
+    return out
+
+
+def check_targets(rat: list[dict], mem: list[dict], mem_rat: list[dict], device: str) -> list[dict]:
+    """The issue's targets, each with the measured value and pass/fail."""
+    checks = []
+    lo_b, lo_d = TARGETS["c_over_b_min"], TARGETS["c_over_d_min"]
+    for r in rat:
+        where = f"{r['model']}, batch {r['batch_size']}"
+        if "c/b" in r and device == "cpu":
+            checks.append({"target": f"c/b >= {lo_b} ({where}; end to end, fixed cost included)",
+                           "value": r["c/b"], "pass": r["c/b"] >= lo_b})
+        if "s/b" in r and device == "cpu":
+            checks.append({"target": f"s/b >= {lo_b} ({where}; per-image cost of the analysis)",
+                           "value": r["s/b"], "pass": r["s/b"] >= lo_b})
+        if "c/d" in r:
+            checks.append({"target": f"c/d >= {lo_d} ({where})", "value": r["c/d"], "pass": r["c/d"] >= lo_d})
+    for r in mem_rat:
+        where = f"{r['model']}, {r['num_images']} images, batch of the memory curve, single runs"
+        if "c/b" in r and device == "cpu":
+            checks.append({"target": f"c/b >= {lo_b} ({where})", "value": r["c/b"], "pass": r["c/b"] >= lo_b})
+        if "c/d" in r:
+            checks.append({"target": f"c/d >= {lo_d} ({where})", "value": r["c/d"], "pass": r["c/d"] >= lo_d})
+    for m in mem:
+        if m["variant"] == "c":
+            tol = TARGETS["memory_flat_tolerance"]
+            checks.append({"target": f"peak memory of c flat within {tol:.0%} from {m['from_images']} to "
+                                     f"{m['to_images']} images ({m['model']})",
+                           "value": m["growth"], "pass": abs(m["growth"]) <= tol})
+    return checks
+
+
+def _fmt(v, nd=2):
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def write_markdown(res: dict, path: Path) -> None:
+    """RESULTS.md: machine, method, throughput, ratios, memory curve, targets, before/after."""
+    m = res["machine"]
+    L = ["# probe benchmark results", "",
+         f"Written by `python bench/run.py {' '.join(res['argv'])}` on {res['date']} "
+         f"(wall time {res['wall_s'] / 60:.1f} min).", "",
+         "## Machine", "",
+         f"- CPU: {m['cpu']}, {m['logical_cpus']} logical CPUs ({m['cpus_available']} available), "
+         f"{m['memory_total_gb']} GiB RAM",
+         f"- torch {m['torch']} ({res['config']['threads_used']} threads), timm {m['timm']}, "
+         f"numpy {m['numpy']}, Python {m['python']}",
+         f"- device: {res['config']['device']}{' + bf16 autocast' if res['config']['amp'] else ''}"
+         + (f" ({m['gpu']})" if m.get("gpu") else ""),
+         f"- load average (1, 5, 15 min) at start {_fmt_load(m.get('load_average_start'))}, "
+         f"at end {_fmt_load(m.get('load_average_end'))}",
+         ""]
+    for note in res["notes"]:
+        L.append(f"- {note}")
+    L += ["", "Workloads:", ""]
+    for k, v in variants.VARIANTS.items():
+        L.append(f"- **{k}**: {v}")
+    L += ["", "## Throughput (median of interleaved repeats) and peak memory", "",
+          "| model | batch | images | workload | images/s | median s | repeats s | peak RSS MiB | RSS before MiB |",
+          "|---|---:|---:|---|---:|---:|---|---:|---:|"]
+    for r in res["throughput"]:
+        L.append(f"| {r['model']} | {r['batch_size']} | {r['num_images']} | {r['variant']} | "
+                 f"{r['images_per_s']:.2f} | {r['median_s']:.3f} | {', '.join(f'{t:.2f}' for t in r['times_s'])} | "
+                 f"{r['peak_rss_mb']:.0f} | {r['rss_before_mb']:.0f} |")
+    L += ["", "## Ratios of throughput (images/s of one workload divided by that of another)", "",
+          "c includes a fixed cost per analysis (Δ/α fits, conv-likeness test and its random-init null: "
+          "`fixed s` = median c − median s on the same images); its c/b at more images is projected "
+          "from the measured per-image times, and `c/b ≥ 0.8 from` is the image count where it "
+          "reaches the target.", "",
+          "| model | batch | c/a | c/b | c/d | s/a | s/b | fixed s | c/b at 1024 (proj.) | c/b ≥ 0.8 from |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res["ratios"]:
+        proj = (r.get("c_over_b_at_n") or {}).get("1024")
+        L.append(f"| {r['model']} | {r['batch_size']} | {_fmt(r.get('c/a'))} | {_fmt(r.get('c/b'))} | "
+                 f"{_fmt(r.get('c/d'))} | {_fmt(r.get('s/a'))} | {_fmt(r.get('s/b'))} | {_fmt(r.get('fixed_s'))} | "
+                 f"{_fmt(proj)} | {_fmt(r.get('break_even_images'))} |")
+    if res.get("agreement"):
+        L += ["", "Agreement of c and d on the same images (largest |c − d| over heads; they compute "
+              "the same statistics, c streaming in float32/float64, d in NumPy afterwards):", "",
+              "| model | batch | mean distance px | entropy nats | prefix mass |", "|---|---:|---:|---:|---:|"]
+        for r in res["agreement"]:
+            L.append(f"| {r['model']} | {r['batch_size']} | {r['max_abs_diff_mean_distance_px']:.2e} | "
+                     f"{r['max_abs_diff_entropy_nats']:.2e} | {r['max_abs_diff_prefix_mass']:.2e} |")
+    if res["memory_curve"]:
+        L += ["", f"## Memory curve (batch {res['config']['memory_batch_size']}, images streamed from a pool of "
+              f"{res['config']['pool']} pre-transformed photos; one fresh process per point)", "",
+              "| model | workload | images | peak RSS MiB | setup RSS MiB | images/s (single run) |",
+              "|---|---|---:|---:|---:|---:|"]
+        for r in res["memory_curve"]:
+            if "skipped" in r:
+                L.append(f"| {r['model']} | {r['variant']} | {r['num_images']} | skipped: {r['skipped']} | | |")
+            else:
+                L.append(f"| {r['model']} | {r['variant']} | {r['num_images']} | {r['peak_rss_mb']:.0f} | "
+                         f"{r['setup_rss_mb']:.0f} | {r['images_per_s']:.2f} |")
+        if res.get("memory_ratios"):
+            L += ["", "Throughput ratios of these single runs (fixed costs included):", "",
+                  "| model | images | c/b | c/d |", "|---|---:|---:|---:|"]
+            for r in res["memory_ratios"]:
+                L.append(f"| {r['model']} | {r['num_images']} | {_fmt(r.get('c/b'))} | {_fmt(r.get('c/d'))} |")
+        L += ["", "| model | workload | peak at first → last point MiB | growth | MiB per extra image |",
+              "|---|---|---|---:|---:|"]
+        for r in res["memory_summary"]:
+            L.append(f"| {r['model']} | {r['variant']} | {r['peak_from_mb']:.0f} ({r['from_images']}) → "
+                     f"{r['peak_to_mb']:.0f} ({r['to_images']}) | {r['growth']:+.1%} | {r['mb_per_image']:.2f} |")
+    L += ["", "## Targets", "", "| target | measured | pass |", "|---|---:|---|"]
+    for c in res["targets"]:
+        L.append(f"| {c['target']} | {_fmt(c['value'], 3)} | {'yes' if c['pass'] else '**no**'} |")
+    if res.get("baseline"):
+        b = res["baseline"]
+        L += ["", f"## Before / after ({b['label']} → {res['label']})", "",
+              f"Baseline: `{b['path']}` ({b['date']}, load at start {_fmt_load(b['load_average_start'])}). "
+              "Compared: the streaming analysis (workload s; a baseline without an s workload timed "
+              "probe.analyze when it had no fits, i.e. the same work, as its c), as ratios to the "
+              "forward pass b and the naive baseline d of the same run, because absolute speed on a "
+              "shared machine varies between runs.", "",
+              "| model | batch | images/s before | images/s after | ratio to b before | after | "
+              "ratio to d before | after |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+        def stream(rows, model, bs):
+            sel = {t["variant"]: t["images_per_s"] for t in rows if t["model"] == model and t["batch_size"] == bs}
+            v = "s" if "s" in sel else "c"
+            if v not in sel:
+                return None, None, None
+            return (sel[v], sel[v] / sel["b"] if "b" in sel else None, sel[v] / sel["d"] if "d" in sel else None)
+
+        for r in res["ratios"]:
+            old = stream(b["throughput"], r["model"], r["batch_size"])
+            new = stream(res["throughput"], r["model"], r["batch_size"])
+            if old[0] is None or new[0] is None:
+                continue
+            L.append(f"| {r['model']} | {r['batch_size']} | {_fmt(old[0])} | {_fmt(new[0])} | {_fmt(old[1])} | "
+                     f"{_fmt(new[1])} | {_fmt(old[2])} | {_fmt(new[2])} |")
+    if res.get("extra_markdown"):
+        L += ["", res["extra_markdown"]]
+    path.write_text("\n".join(L) + "\n")
+
+
+def _fmt_load(v):
+    return "—" if not v else ", ".join(f"{x:.2f}" for x in v)
+
+
+# ------------------------------------------------------------------------------------------ main
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="deit_tiny,vit_small",
+                    help="comma-separated probe model names (DeiT-Tiny uses ../shared weights, others random)")
+    ap.add_argument("--batch-sizes", default="1,16,64")
+    ap.add_argument("--images", type=int, default=None,
+                    help="images per timed repeat (default: about 16 DeiT-Tiny-equivalents per configuration)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per workload (median reported)")
+    ap.add_argument("--variants", default="a,b,s,c,d", help="workloads to time (see bench/variants.py)")
+    ap.add_argument("--memory-curve", default="64,256,1024", help="image counts of the memory curve ('' to skip)")
+    ap.add_argument("--memory-models", default="deit_tiny")
+    ap.add_argument("--memory-variants", default="b,c,d", help="workloads of the memory curve")
+    ap.add_argument("--memory-batch-size", type=int, default=64)
+    ap.add_argument("--pool", type=int, default=64, help="pre-transformed photos the memory curve streams from")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (ignored on CPU)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
+    ap.add_argument("--image-dir", type=Path, default=DEFAULT_IMAGE_DIR)
+    ap.add_argument("--synthetic", action="store_true", help="random images instead of photos")
+    ap.add_argument("--quick", action="store_true",
+                    help="DeiT-Tiny only, batch 1 and 16, memory curve 64,256 (a few minutes)")
+    ap.add_argument("--label", default="current", help="name of this run in before/after tables")
+    ap.add_argument("--baseline", type=Path, default=None, help="an earlier results.json to compare with")
+    ap.add_argument("--extra-markdown", type=Path, default=None, help="a markdown file appended to RESULTS.md")
+    ap.add_argument("--out", type=Path, default=HERE / "results.json")
+    ap.add_argument("--md", type=Path, default=HERE / "RESULTS.md")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.models, args.batch_sizes, args.memory_curve = "deit_tiny", "1,16", "64,256"
+    if args.device != "cpu":
+        from probe.pipeline import resolve_device
+
+        resolve_device(args.device)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    models = [m for m in args.models.split(",") if m]
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+    names = [v for v in args.variants.split(",") if v]
+    curve = [int(n) for n in args.memory_curve.split(",") if n]
+    mem_models = [m for m in args.memory_models.split(",") if m] if curve else []
+    mem_names = [v for v in args.memory_variants.split(",") if v]
+    image_dir = None if args.synthetic else args.image_dir
+    notes = []
+    if image_dir is not None and not image_dir.is_dir():
+        raise SystemExit(f"image folder {image_dir} not found: pass --image-dir DIR or --synthetic")
+    notes.append("images: " + ("seeded random tensors (--synthetic)" if image_dir is None else
+                               f"photos of {image_dir.name} in sorted order, cycled past {len(list(image_dir.iterdir()))}")
+                 + "; decoded and transformed once per model before timing (decoding is not timed)")
+    notes.append("DeiT-Tiny uses the shared ImageNet weights when present, other models random weights "
+                 "(timing does not depend on the weights)")
+    if args.device == "cpu":
+        notes.append("GPU: not measured in this run (--device cpu); run with --device cuda [--amp] on a GPU")
+    res: dict[str, Any] = {
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "label": args.label,
+        "machine": machine_description(args.device),
+        "config": {
+            "models": models, "batch_sizes": batch_sizes, "variants": names, "repeats": args.repeats,
+            "memory_curve": curve, "memory_models": mem_models, "memory_variants": mem_names,
+            "memory_batch_size": args.memory_batch_size, "pool": args.pool, "device": args.device,
+            "amp": args.amp, "threads_used": args.threads or torch.get_num_threads(),
+        },
+        "notes": notes,
+        "throughput": [],
+        "memory_curve": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="probe-bench-") as tmpd:
+        tmp = Path(tmpd)
+        for model in models:
+            configs = []
+            for bs in batch_sizes:
+                n = args.images or auto_images(model, bs)
+                configs.append((bs, int(-(-n // bs) * bs)))
+            path = prepare_images(model, max(n for _, n in configs), image_dir, tmp)
+            res["throughput"].extend(measure_throughput(model, configs, names, args, path))
+        for model in mem_models:
+            pool = prepare_images(model, args.pool, image_dir, tmp)
+            res["memory_curve"].extend(measure_memory(model, curve, mem_names, args, pool, model_shape(model)))
+    res["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    res["ratios"] = ratios(res["throughput"])
+    res["agreement"] = agreement(res["throughput"])
+    res["memory_summary"] = memory_summary(res["memory_curve"])
+    res["memory_ratios"] = memory_ratios(res["memory_curve"])
+    res["targets"] = check_targets(res["ratios"], res["memory_summary"], res["memory_ratios"], args.device)
+    res["wall_s"] = round(time.perf_counter() - t_start, 1)
+    if args.baseline is not None:
+        b = json.loads(args.baseline.read_text())
+        res["baseline"] = {"path": str(args.baseline), "label": b.get("label"), "date": b.get("date"),
+                           "load_average_start": b["machine"].get("load_average_start"),
+                           "ratios": b["ratios"], "throughput": [
+                               {k: t[k] for k in ("model", "batch_size", "variant", "images_per_s", "peak_rss_mb")}
+                               for t in b["throughput"]]}
+    if args.extra_markdown is not None:
+        res["extra_markdown"] = args.extra_markdown.read_text()
+    for r in res["throughput"]:
+        r.pop("summary", None)
+    args.out.write_text(json.dumps(res, indent=1) + "\n")
+    write_markdown(res, args.md)
+    log(f"wrote {args.out} and {args.md} in {res['wall_s'] / 60:.1f} min")
+    for r in res["ratios"]:
+        log(f"  {r['model']} batch {r['batch_size']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items() if "/" in k))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
