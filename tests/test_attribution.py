@@ -315,7 +315,8 @@ def test_add_head_attribution_joins_the_pipeline_tables_and_renders_a_section(tm
     from probe.attribution import add_head_attribution
 
     m = planted_vit()
-    res = analyze(m, None, conv_test=False, n_bootstrap=0, data_overrides={"input_size": (3, 32, 32)})
+    res = analyze(m, None, conv_test=False, n_bootstrap=0, attribution="none",
+                  data_overrides={"input_size": (3, 32, 32)})
     n_cols = len(res.heads.columns)
     x = images(4)
     add_head_attribution(res, m, x, methods=("ig", "ablation"), k=1, n_random=3, n_steps=32)
