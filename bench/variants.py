@@ -200,15 +200,18 @@ class Workload:
         """Process the first ``num_images`` images (default all) once, in batches of ``batch_size``.
 
         Returns:
-            Wall seconds, the device synchronised before and after.
+            Wall seconds, the device synchronised before and after (the process's CPU seconds
+            of the run are left in :attr:`last_cpu_s`).
         """
         if batch_size is not None:
             self.batch_size = int(batch_size)
         self._sync()
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         getattr(self, "_run_" + self.variant)(num_images)
         self._sync()
-        return time.perf_counter() - t0
+        wall = time.perf_counter() - t0
+        self.last_cpu_s = time.process_time() - c0
+        return wall
 
     def _run_a(self, num_images):
         with torch.no_grad(), _autocast(self.device, self.spec.get("amp", False)):
@@ -291,7 +294,8 @@ def worker_main(conn, spec: dict[str, Any]) -> None:
         cmd = conn.recv()
         try:
             if cmd[0] == "run":
-                conn.send(("ok", work.run(*cmd[1:])))
+                wall = work.run(*cmd[1:])
+                conn.send(("ok", {"wall_s": wall, "cpu_s": work.last_cpu_s}))
             elif cmd[0] == "reset":
                 conn.send(("ok", work.reset_peak()))
             elif cmd[0] == "stats":

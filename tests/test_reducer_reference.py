@@ -181,3 +181,42 @@ def test_chunked_reduction_equals_whole_batch(monkeypatch, chunk_images):
         torch.testing.assert_close(getattr(b, k), getattr(a, k), atol=1e-6, rtol=1e-6)  # float32 rounding
     ref, _ = reference_features(attn, g)
     torch.testing.assert_close(b.feat_sum, ref.sum(0), atol=2e-5, rtol=1e-6)
+
+
+def _run(batches, g, **kw):
+    red = LayerReducer(3, g, n_bootstrap=12, seed=4, **kw)
+    for x in batches:
+        red.update(x)
+    return red.result()
+
+
+@pytest.mark.parametrize("flush", [1, 2, 256])
+def test_bootstrap_does_not_depend_on_the_batch_split(monkeypatch, flush):
+    import probe.analyses.reducers as reducers
+
+    monkeypatch.setattr(reducers, "FLUSH_IMAGES", flush)
+    g = GEOMETRIES[0]
+    attn = random_attention(6, 2, g.num_tokens, seed=21)
+    whole = _run([attn], g)
+    split = _run([attn[:1], attn[1:4], attn[4:]], g)
+    for k in ("attn_sum", "feat_sum", "feat_sumsq", "boot_sum", "boot_weight"):
+        torch.testing.assert_close(getattr(split, k), getattr(whole, k), atol=1e-6, rtol=1e-6)
+    ref, _ = reference_features(attn, g)
+    torch.testing.assert_close(split.feat_sum, ref.sum(0), atol=2e-5, rtol=1e-6)
+    assert split.boot_weight.sum() > 0
+
+
+def test_result_midway_then_more_batches():
+    g = GEOMETRIES[1]
+    x, y = random_attention(2, 2, g.num_tokens, seed=31), random_attention(3, 2, g.num_tokens, seed=32)
+    red = LayerReducer(0, g, n_bootstrap=6, seed=1)
+    red.update(x)
+    first = red.result()
+    red.update(y)
+    both = red.result()
+    ref_x, _ = reference_features(x, g)
+    ref_y, _ = reference_features(y, g)
+    assert first.n_images == 2 and both.n_images == 5
+    torch.testing.assert_close(first.feat_sum, ref_x.sum(0), atol=2e-5, rtol=1e-6)
+    torch.testing.assert_close(both.feat_sum, ref_x.sum(0) + ref_y.sum(0), atol=2e-5, rtol=1e-6)
+    assert (both.boot_weight >= first.boot_weight).all()

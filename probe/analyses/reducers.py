@@ -46,6 +46,16 @@ PHI = slice(4, 9)
 
 _TINY = torch.finfo(torch.float32).tiny
 
+#: Images whose per-image features (and float32 sum of A') are buffered before they are folded
+#: into the float64 sums (see LayerReducer).
+FLUSH_IMAGES = 64
+
+#: Raw buffer columns are (7 table features, sum p ln p, prefix sum); FEATURES[i] is
+#: raw[_RAW_ORDER[i]] * _RAW_SCALE[i] / P: the table features and the prefix mass are means over
+#: the P patch queries, the entropy is minus that mean.
+_RAW_ORDER = (0, 1, 7, 8, 2, 3, 4, 5, 6)
+_RAW_SCALE = (1.0, 1.0, -1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+
 #: Attention entries reduced at once (16 MiB of float32): larger batches are split into chunks of
 #: whole images, which keeps the reducer's temporaries cache-sized and its memory bounded.
 CHUNK_ELEMENTS = 1 << 22
@@ -172,6 +182,13 @@ class LayerReducer:
         seed: seed of the bootstrap weights.
 
     Call :meth:`update` with each batch's attention probabilities, then :meth:`result`.
+
+    Per-image features wait in a buffer of at most :data:`FLUSH_IMAGES` images (or one batch)
+    and are folded into the float64 sums, squares and bootstrap sums together (the sum of ``A'``
+    likewise, from a float32 window sum), so memory stays fixed and a small batch costs few
+    operations. Each image's Poisson weights are drawn in image order, so
+    on the CPU the bootstrap replicates do not depend on how the images were split into batches.
+    All sums live on the attention's device; :meth:`result` copies them to the host.
     """
 
     def __init__(
@@ -183,6 +200,8 @@ class LayerReducer:
         self.seed = seed
         self._gen: torch.Generator | None = None
         self._tables: dict[torch.device, torch.Tensor] = {}
+        self._buf: torch.Tensor | None = None
+        self._nbuf = 0
         self.n_images = 0
         self.attn_sum: torch.Tensor | None = None
         self.feat_sum: torch.Tensor | None = None
@@ -209,6 +228,12 @@ class LayerReducer:
         self.feat_sumsq = torch.zeros(heads, nf, **f64)
         self.boot_sum = torch.zeros(self.n_bootstrap, heads, nf, **f64)
         self.boot_weight = torch.zeros(self.n_bootstrap, **f64)
+        self._buf = torch.empty(FLUSH_IMAGES, heads, nf, **f64)
+        self._attn32 = torch.zeros(heads, p, p, dtype=torch.float32, device=device)
+        self._nbuf = 0
+        # raw buffer column -> FEATURES order, and the factor that turns raw sums into features
+        self._order = torch.tensor(_RAW_ORDER, device=device)
+        self._scale = torch.tensor(_RAW_SCALE, **f64) / p
         self._gen = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + self.layer)
 
     @torch.no_grad()
@@ -239,47 +264,60 @@ class LayerReducer:
             raise ProbeError(
                 f"layer {self.layer}: head count changed from {self.attn_sum.shape[0]} to {h}"
             )
+        if self._nbuf + b > self._buf.shape[0]:
+            self._flush()
+            if b > self._buf.shape[0]:
+                self._buf = self._buf.new_empty(b, *self._buf.shape[1:])
         step = max(1, CHUNK_ELEMENTS // max(1, attn[0].numel()))
-        if step >= b:
-            feats64 = self._reduce(attn)
-        else:
-            feats64 = torch.cat([self._reduce(attn[i:i + step]) for i in range(0, b, step)])
-        self.feat_sum += feats64.sum(0)
-        self.feat_sumsq += feats64.square().sum(0)
-        if self.n_bootstrap:
-            ones = torch.ones(self.n_bootstrap, b, dtype=torch.float64, device=attn.device)
-            w = torch.poisson(ones, self._gen)
-            self.boot_sum += (w @ feats64.view(b, -1)).view(self.n_bootstrap, h, -1)
-            self.boot_weight += w.sum(1)
+        for i in range(0, b, step):
+            chunk = attn[i:i + step] if step < b else attn
+            c = chunk.shape[0]
+            self._reduce(chunk, self._buf[self._nbuf:self._nbuf + c])
+            self._nbuf += c
         self.n_images += b
 
-    def _reduce(self, attn: torch.Tensor) -> torch.Tensor:
-        """Add the chunk's ``A'`` to :attr:`attn_sum`; return its per-image features, float64
-        ``(b, heads, F)``. One pass per elementwise step over the chunk, no copy to the host."""
+    def _reduce(self, attn: torch.Tensor, out: torch.Tensor) -> None:
+        """Add the chunk's ``A'`` to the window sum and write its raw per-image sums to ``out``
+        (float64 ``(b, heads, 9)``, columns in :data:`_RAW_ORDER` order, before scaling). One pass
+        per elementwise step over the chunk, nothing copied to the host."""
         a = attn if attn.dtype == torch.float32 else attn.float()
         b, h = a.shape[:2]
         n_pre, p = self.geometry.num_prefix_tokens, self.geometry.num_patches
         rows = a[:, :, n_pre:, :]  # patch queries, all keys: one contiguous block per (image, head)
         patch = rows[..., n_pre:] if n_pre else rows  # (b, h, P, P)
-
-        feats64 = torch.empty(b, h, len(FEATURES), device=a.device, dtype=torch.float64)
-        # Entropy: -sum p ln p over all keys of the patch queries, in one temporary. Clamping
-        # before the log makes p = 0 contribute 0 * ln(tiny) = 0 (the limit), as xlogy does.
-        plogp = rows.clamp_min(_TINY)
-        plogp.log_().mul_(rows)
-        feats64[..., 2] = plogp.view(b, h, -1).sum(-1).mul_(-1.0 / p)
-        del plogp
-        feats64[..., 3] = rows[..., :n_pre].sum(-1).mean(-1)  # prefix mass, read directly
         # Renormalised patch attention A' (contiguous), then every patch-key feature at once: for
-        # each patch query q, (b*h, P) @ (P, 7) in float32; the mean over queries in float64.
+        # each patch query q, (b*h, P) @ (P, 7) in float32; the sum over queries in float64.
         patch_mass = patch.sum(-1, keepdim=True)
         a_prime = patch / patch_mass.clamp_min(1e-30)
         per_query = torch.bmm(a_prime.view(b * h, p, p).transpose(0, 1), self._table(a.device))
-        tab = per_query.sum(0, dtype=torch.float64).div_(p).view(b, h, -1)
-        feats64[..., 0:2] = tab[..., 0:2]
-        feats64[..., 4:] = tab[..., 2:]
-        self.attn_sum += a_prime.sum(0)
-        return feats64
+        out[..., :7] = per_query.sum(0, dtype=torch.float64).view(b, h, 7)
+        self._attn32 += a_prime[0] if b == 1 else a_prime.sum(0)
+        del a_prime, per_query
+        # Entropy: sum p ln p over all keys of the patch queries, in one temporary. Clamping
+        # before the log makes p = 0 contribute 0 * ln(tiny) = 0 (the limit), as xlogy does.
+        plogp = rows.clamp_min(_TINY)
+        plogp.log_().mul_(rows)
+        out[..., 7] = plogp.view(b, h, -1).sum(-1)
+        del plogp
+        out[..., 8] = rows[..., :n_pre].sum((-1, -2))  # prefix mass, read directly
+
+    def _flush(self) -> None:
+        """Fold the buffered per-image features into the sums and the bootstrap sums, and the
+        float32 window sum of ``A'`` into :attr:`attn_sum`."""
+        n = self._nbuf
+        if n == 0:
+            return
+        self.attn_sum += self._attn32
+        self._attn32.zero_()
+        f = self._buf[:n].index_select(-1, self._order).mul_(self._scale)  # (n, heads, F)
+        self.feat_sum += f.sum(0)
+        self.feat_sumsq += f.square().sum(0)
+        if self.n_bootstrap:
+            ones = torch.ones(n, self.n_bootstrap, dtype=torch.float64, device=f.device)
+            w = torch.poisson(ones, self._gen).T  # drawn image by image
+            self.boot_sum += (w @ f.view(n, -1)).view(self.n_bootstrap, *f.shape[1:])
+            self.boot_weight += w.sum(1)
+        self._nbuf = 0
 
     def result(self) -> LayerStats:
         """The accumulated statistics.
@@ -289,6 +327,7 @@ class LayerReducer:
         """
         if self.attn_sum is None:
             raise ProbeError(f"layer {self.layer}: no attention was accumulated")
+        self._flush()
         return LayerStats(
             layer=self.layer,
             geometry=self.geometry,
