@@ -225,6 +225,7 @@ class Workload:
         from probe.data import TensorImages
 
         src = self.source if num_images is None else TensorImages(self.source.pool, num_images)
+        options.setdefault("attribution", "none")  # (c) is capture + statistics + fits + grid test
         result = probe.analyze(
             self.resolved, src, batch_size=self.batch_size, device=str(self.device),
             amp=bool(self.spec.get("amp", False)), seed=self.spec.get("seed", 0), **options,

@@ -20,6 +20,11 @@ Extension point — a capture rule for a new attention module in a few lines::
             return handle.remove          # a callable that restores the module
 
     register_rule(MyAttentionRule())       # checked before the built-in rules
+
+The rules of the model families (ConViT, Swin, ``nn.MultiheadAttention``, and the functional
+fallback for user modules that call ``F.scaled_dot_product_attention`` or a softmax) live in
+:mod:`probe.families`, imported by :mod:`probe`. Layers may differ in token geometry
+(:func:`infer_geometries`). The full guide, refusals included, is ``docs/capture.md``.
 """
 
 from __future__ import annotations
@@ -60,6 +65,12 @@ class CaptureRule:
             A callable that removes the hooks and restores the module's state.
         """
         raise NotImplementedError
+
+    def num_prefix_tokens(self, module: nn.Module) -> int | None:
+        """Prefix tokens (class, distillation, register) in the sequence this module attends over,
+        when the rule knows it for certain (e.g. 0 for ConViT's gated positional layers, which run
+        before the class token joins); ``None`` leaves it to the options and the model."""
+        return None
 
 
 class TimmAttentionRule(CaptureRule):
@@ -115,6 +126,23 @@ def rules() -> list[CaptureRule]:
     return list(_RULES)
 
 
+#: ``finder(model, input_shape) -> [(name, module, rule), ...]`` tried in order when no module rule
+#: matches anything in a model (see :mod:`probe.families.functional`).
+Fallback = Callable[[nn.Module, tuple[int, int, int]], list[tuple[str, nn.Module, CaptureRule]]]
+_FALLBACKS: list[Fallback] = []
+
+
+def register_fallback(finder: Fallback) -> None:
+    """Add a fallback layer finder, used only for models in which no capture rule matches a module."""
+    _FALLBACKS.append(finder)
+
+
+def describe_rules() -> str:
+    """The names of the registered rules and fallbacks, for error messages."""
+    names = [r.name for r in _RULES] + [getattr(f, "label", getattr(f, "__name__", "fallback")) for f in _FALLBACKS]
+    return ", ".join(names)
+
+
 @dataclass(frozen=True)
 class AttentionLayer:
     """One capturable attention module.
@@ -132,10 +160,12 @@ class AttentionLayer:
     rule: CaptureRule
 
 
-def find_attention_layers(model: nn.Module) -> list[AttentionLayer]:
+def find_attention_layers(model: nn.Module, input_shape: tuple[int, int, int] | None = None) -> list[AttentionLayer]:
     """Recognised attention modules of ``model`` in module order.
 
-    A module nested inside an already recognised one is not counted again.
+    A module nested inside an already recognised one is not counted again. When no rule matches
+    any module and ``input_shape`` ``(C, H, W)`` is given, the registered fallbacks are tried
+    (e.g. attention computed by function calls, found in one forward pass on a zero image).
 
     Returns:
         The layers, numbered from 0.
@@ -150,10 +180,17 @@ def find_attention_layers(model: nn.Module) -> list[AttentionLayer]:
                 found.append(AttentionLayer(len(found), qname, mod, rule))
                 taken.append(qname)
                 break
+    if not found and input_shape is not None:
+        for finder in _FALLBACKS:
+            hits = finder(model, tuple(input_shape))
+            if hits:
+                return [AttentionLayer(i, n, m, r) for i, (n, m, r) in enumerate(hits)]
     return found
 
 
-def parse_layers(spec: str | int | list[int] | tuple[int, ...] | range | None, num_layers: int) -> list[int]:
+def parse_layers(
+    spec: str | int | list[int] | tuple[int, ...] | range | None, num_layers: int, model_name: str | None = None
+) -> list[int]:
     """Parse a layer selection against a model with ``num_layers`` attention layers.
 
     Accepts ``"all"`` / ``None``, ``"0-4"`` (inclusive), ``"0,2,5"``, mixes such as ``"0-2,7"``,
@@ -163,10 +200,12 @@ def parse_layers(spec: str | int | list[int] | tuple[int, ...] | range | None, n
         Sorted unique layer indices.
 
     Raises:
-        ProbeError: for a malformed spec or an index outside ``0 .. num_layers-1``.
+        ProbeError: for a malformed spec or an index outside ``0 .. num_layers-1`` (naming
+            ``model_name`` when given).
     """
+    who = f"{model_name}: " if model_name else ""
     if num_layers < 1:
-        raise ProbeError("the model has no attention layers to select")
+        raise ProbeError(f"{who}the model has no attention layers to select")
     if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
         return list(range(num_layers))
     if isinstance(spec, int):
@@ -195,7 +234,7 @@ def parse_layers(spec: str | int | list[int] | tuple[int, ...] | range | None, n
         j = i + num_layers if i < 0 else i
         if not 0 <= j < num_layers:
             raise ProbeError(
-                f"layer {i} is out of range: the model has {num_layers} attention layers "
+                f"{who}layer {i} is out of range: the model has {num_layers} attention layers "
                 f"(0-{num_layers - 1}); fix --layers"
             )
         out.append(j)
@@ -284,6 +323,127 @@ def _grid_from_tokens(num_patches: int, height: int, width: int) -> tuple[int, i
     return None
 
 
+@dataclass(frozen=True)
+class LayerShape:
+    """What a dry forward pass on one image saw of a layer.
+
+    Attributes:
+        sequences: leading (batch) size of the attention tensor; 1 for image-wide attention.
+        heads: number of heads.
+        queries, keys: query and key tokens (equal for self-attention).
+    """
+
+    sequences: int
+    heads: int
+    queries: int
+    keys: int
+
+
+def _short(e: BaseException, n: int = 160) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def dry_run(
+    model: nn.Module,
+    layers: list[AttentionLayer],
+    input_shape: tuple[int, int, int],
+    model_name: str | None = None,
+) -> dict[int, LayerShape]:
+    """One forward pass on a zero image ``(1, C, H, W)``, reading the attention shape of each layer.
+
+    Also checks that each layer's attention is image-wide self-attention among tokens: one
+    sequence per image (not one per window), as many queries as keys, and as many keys as the
+    module's input has tokens (not channels, as in cross-covariance attention), and rows that sum
+    to one.
+
+    Returns:
+        ``{layer index: LayerShape}``.
+
+    Raises:
+        ProbeError: if the forward pass fails (naming ``--input-size``).
+        CaptureError: if a layer yields nothing or attention that is not image-wide
+            self-attention, naming the model, the layer, the rule and ``--layers``.
+    """
+    name = model_name or type(model).__name__
+    seen: dict[int, tuple[int, ...]] = {}
+    inputs: dict[int, tuple[int, ...]] = {}
+    row_sums: dict[int, tuple[float, float]] = {}
+
+    def sink(i: int, a: torch.Tensor) -> None:
+        if i not in seen:
+            seen[i] = tuple(a.shape)
+            sums = a.float().sum(-1)
+            row_sums[i] = (float(sums.min()), float(sums.max())) if sums.numel() else (1.0, 1.0)
+
+    def pre_hook(index: int):
+        def hook(mod, args, kwargs):
+            for t in list(args) + list(kwargs.values()):
+                if isinstance(t, torch.Tensor):
+                    inputs.setdefault(index, tuple(t.shape))
+                    break
+        return hook
+
+    handles = [l.module.register_forward_pre_hook(pre_hook(l.index), with_kwargs=True) for l in layers]
+    p = next(model.parameters(), None)
+    x = torch.zeros(1, *input_shape, device=p.device if p is not None else "cpu")
+    cap = AttentionCapture(layers, sink)
+    try:
+        with cap, torch.no_grad():
+            model(x)
+    except ProbeError as e:
+        msg = str(e)
+        raise type(e)(msg if msg.startswith(name) else f"{name}: {msg}") from None
+    except Exception as e:
+        raise ProbeError(
+            f"{name}: the forward pass on a zero image of shape (1, {', '.join(map(str, input_shape))}) "
+            f"failed ({_short(e)}); set --input-size C,H,W (and --mean/--std) to the input the model "
+            "expects, or give the model a timm-style pretrained_cfg"
+        ) from None
+    finally:
+        for h in handles:
+            h.remove()
+    cap.check_all_captured(name)
+    out: dict[int, LayerShape] = {}
+    for layer in layers:
+        shape = seen[layer.index]
+        where = f"{name}: layer {layer.index} ({layer.name}, rule {layer.rule.name})"
+        if len(shape) != 4:
+            raise CaptureError(
+                f"{where} gave attention of shape {shape}, not (batch, heads, queries, keys); "
+                "fix the capture rule or choose other --layers"
+            )
+        b, h, q, k = shape
+        if q != k:
+            raise CaptureError(
+                f"{where} attends from {q} queries to {k} keys: probe analyses self-attention among the "
+                "same tokens, not spatially reduced, pooled or class-only attention; choose other --layers"
+            )
+        if b != 1:
+            raise CaptureError(
+                f"{where} gave {b} attention maps for one image: it attends within windows or groups "
+                "of tokens (e.g. Swin-style windows), which probe cannot read as attention over the "
+                "image; choose other --layers or register a capture rule that maps the windows back "
+                "to image positions (see probe.capture)"
+            )
+        lo, hi = row_sums[layer.index]
+        if not (abs(lo - 1) < 1e-3 and abs(hi - 1) < 1e-3):
+            raise CaptureError(
+                f"{where} gave rows that sum to {lo:.4g}..{hi:.4g}, not 1: what the rule reads is not "
+                "attention probabilities (e.g. maps mixed across heads after the softmax); choose other "
+                "--layers or register a capture rule that reads the softmax output (see probe.capture)"
+            )
+        inp = inputs.get(layer.index)
+        if inp is not None and len(inp) == 3 and inp[0] == 1 and inp[1] != k:
+            raise CaptureError(
+                f"{where} attends over {k} items while its input has {inp[1]} tokens: it mixes "
+                "channels, not tokens (e.g. XCiT's cross-covariance attention), so there is no "
+                "attention between image positions to analyse; choose other --layers"
+            )
+        out[layer.index] = LayerShape(b, h, q, k)
+    return out
+
+
 def count_tokens(model: nn.Module, layer: AttentionLayer, input_shape: tuple[int, int, int]) -> tuple[int, int]:
     """Run one forward pass on a zero image and read the attention shape of ``layer``.
 
@@ -291,51 +451,25 @@ def count_tokens(model: nn.Module, layer: AttentionLayer, input_shape: tuple[int
         ``(num_heads, num_tokens)`` of that layer.
 
     Raises:
-        CaptureError: if the layer yields nothing.
+        CaptureError: if the layer yields nothing (see :func:`dry_run`).
     """
-    seen: list[tuple[int, int]] = []
-    cap = AttentionCapture([layer], lambda i, a: seen.append((a.shape[1], a.shape[-1])))
-    p = next(model.parameters(), None)
-    x = torch.zeros(1, *input_shape, device=p.device if p is not None else "cpu")
-    with cap, torch.no_grad():
-        model(x)
-    cap.check_all_captured(type(model).__name__)
-    return seen[0]
+    shape = dry_run(model, [layer], input_shape)[layer.index]
+    return shape.heads, shape.keys
 
 
-def infer_geometry(
-    model: nn.Module,
-    layer: AttentionLayer,
-    input_shape: tuple[int, int, int],
-    num_prefix_tokens: int | None = None,
-    grid: tuple[int, int] | None = None,
-    patch_size: float | tuple[float, float] | None = None,
-    num_tokens: int | None = None,
-) -> "TokenGeometry":
-    """The token geometry of ``layer`` for inputs of shape ``input_shape`` ``(C, H, W)``.
-
-    ``num_tokens`` is the layer's token count when already known (e.g. read off the first
-    captured batch); otherwise one forward pass on a zero image measures it.
-
-    Prefix tokens come from ``num_prefix_tokens``, else the model's own ``num_prefix_tokens``
-    (timm), else the smallest count (0..16) that leaves a patch grid tiling the image. The grid
-    comes from ``grid``, else from the token count and the image's aspect ratio; pixels per token
-    are ``(H / rows, W / cols)`` unless ``patch_size`` is given — so a hybrid's CNN stem sets them
-    through its feature-map size, not the patch embedding's ``patch_size``.
-
-    Raises:
-        ProbeError: if the given or inferred geometry does not match the token count, naming
-            ``--prefix-tokens`` / ``--grid`` / ``--patch-size``.
-    """
+def _geometry_for(
+    tokens: int,
+    candidates: list[int],
+    height: int,
+    width: int,
+    grid: tuple[int, int] | None,
+    patch_size: float | tuple[float, float] | None,
+) -> "TokenGeometry | None":
     from .geometry import TokenGeometry
 
-    _, height, width = input_shape
-    tokens = num_tokens if num_tokens is not None else count_tokens(model, layer, input_shape)[1]
-    prefix = num_prefix_tokens
-    if prefix is None:
-        prefix = getattr(model, "num_prefix_tokens", None)
-    candidates = [prefix] if prefix is not None else list(range(0, 17))
     for pre in candidates:
+        if pre < 0 or pre >= tokens:
+            continue
         g = grid if grid is not None else _grid_from_tokens(tokens - pre, height, width)
         if g is not None and g[0] * g[1] == tokens - pre:
             if patch_size is None:
@@ -345,10 +479,79 @@ def infer_geometry(
             else:
                 ppt = (float(patch_size), float(patch_size))
             return TokenGeometry(int(pre), (int(g[0]), int(g[1])), ppt)
-    given = f"{prefix} prefix tokens" if prefix is not None else "any prefix count 0-16"
-    grid_txt = f" and grid {grid[0]}x{grid[1]}" if grid is not None else ""
-    raise ProbeError(
-        f"{type(model).__name__} layer {layer.index} ({layer.name}) has {tokens} tokens, which "
-        f"{given}{grid_txt} cannot split into a patch grid of a {height}x{width} image; "
-        "set --prefix-tokens and --grid RxC (and --patch-size) to match the model"
-    )
+    return None
+
+
+def infer_geometries(
+    model: nn.Module,
+    layers: list[AttentionLayer],
+    input_shape: tuple[int, int, int],
+    num_prefix_tokens: int | None = None,
+    grid: tuple[int, int] | None = None,
+    patch_size: float | tuple[float, float] | None = None,
+    model_name: str | None = None,
+) -> dict[int, "TokenGeometry"]:
+    """The token geometry of each layer for inputs of shape ``input_shape`` ``(C, H, W)``.
+
+    The token count of every layer is read in one forward pass (:func:`dry_run`), so layers may
+    differ: ConViT's gated positional layers have no class token, Swin's stages have coarser grids.
+
+    Prefix tokens of a layer come from its capture rule when the rule knows them
+    (:meth:`CaptureRule.num_prefix_tokens`), else ``num_prefix_tokens`` (``--prefix-tokens``),
+    else the model's own ``num_prefix_tokens`` (timm) and, if that leaves no grid, the smallest
+    count 0..16 that leaves a patch grid tiling the image. The grid comes from ``grid``, else from
+    the token count and the image's aspect ratio; pixels per token are ``(H / rows, W / cols)``
+    unless ``patch_size`` is given, so a hybrid's CNN stem sets them through its feature-map size,
+    not the patch embedding's ``patch_size``.
+
+    Returns:
+        ``{layer index: TokenGeometry}``.
+
+    Raises:
+        ProbeError: if the given or inferred geometry does not match a layer's token count,
+            naming the model, the layer, what was tried and ``--prefix-tokens`` / ``--grid`` /
+            ``--patch-size``; or as :func:`dry_run`.
+    """
+    name = model_name or type(model).__name__
+    _, height, width = input_shape
+    shapes = dry_run(model, layers, input_shape, name)
+    model_prefix = getattr(model, "num_prefix_tokens", None)
+    out = {}
+    for layer in layers:
+        tokens = shapes[layer.index].keys
+        hint = layer.rule.num_prefix_tokens(layer.module)
+        if hint is not None:
+            candidates, tried = [int(hint)], f"{hint} prefix tokens (rule {layer.rule.name})"
+        elif num_prefix_tokens is not None:
+            candidates, tried = [int(num_prefix_tokens)], f"{num_prefix_tokens} prefix tokens (--prefix-tokens)"
+        elif isinstance(model_prefix, int):
+            candidates = [model_prefix] + [p for p in range(17) if p != model_prefix]
+            tried = f"the model's {model_prefix} prefix tokens and any prefix count 0-16"
+        else:
+            candidates, tried = list(range(17)), "any prefix count 0-16"
+        geom = _geometry_for(tokens, candidates, height, width, grid, patch_size)
+        if geom is None:
+            grid_txt = f" with grid {grid[0]}x{grid[1]} (--grid)" if grid is not None else ""
+            raise ProbeError(
+                f"{name}: layer {layer.index} ({layer.name}) has {tokens} tokens, which {tried}{grid_txt} "
+                f"cannot split into a patch grid of the {height}x{width} input; set --prefix-tokens and "
+                "--grid RxC (and --patch-size) to match the model"
+            )
+        out[layer.index] = geom
+    return out
+
+
+def infer_geometry(
+    model: nn.Module,
+    layer: AttentionLayer,
+    input_shape: tuple[int, int, int],
+    num_prefix_tokens: int | None = None,
+    grid: tuple[int, int] | None = None,
+    patch_size: float | tuple[float, float] | None = None,
+) -> "TokenGeometry":
+    """The token geometry of one layer; see :func:`infer_geometries`.
+
+    Raises:
+        ProbeError: as :func:`infer_geometries`.
+    """
+    return infer_geometries(model, [layer], input_shape, num_prefix_tokens, grid, patch_size)[layer.index]

@@ -49,6 +49,16 @@ def _parse_floats(text: Optional[str], n: int, option: str) -> Optional[tuple[fl
     return vals
 
 
+def _parse_query(text: Optional[str], geometry) -> Optional[int]:
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*[,xX]\s*(\d+)\s*", text)
+    rows, cols = geometry.grid
+    if not m or not (int(m.group(1)) < rows and int(m.group(2)) < cols):
+        raise ProbeError(f"--query {text!r} must be ROW,COL inside the {rows}x{cols} patch grid")
+    return int(m.group(1)) * cols + int(m.group(2))
+
+
 def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
 
@@ -80,6 +90,9 @@ def analyze(
     local_radius: float = typer.Option(2.0, "--local-radius", help="a head is local when 90% of its attention lies within this many patches of its centre"),
     kernel_size: Optional[int] = typer.Option(None, "--kernel-size", help="K of the KxK lattice (default sqrt(heads) if a square >= 4, else 3)"),
     conv_level: float = typer.Option(0.01, "--conv-level", help="family-wise significance level (Holm) of the conv test"),
+    attribution: str = typer.Option("ig", "--attribution", help="head attribution with captum: ig, ablation, both or none"),
+    attribution_images: int = typer.Option(16, "--attribution-images", help="the first N analysed images are used for the attribution"),
+    query: Optional[str] = typer.Option(None, "--query", help="query patch ROW,COL whose mean attention map the report shows (default: the central patch)"),
 ) -> None:
     """Capture attention, compute per-head statistics and write report.html and heads.csv."""
     from .analyses.convlike import ConvLikeConfig
@@ -114,11 +127,12 @@ def analyze(
                     conv_config=ConvLikeConfig(kernel_size=kernel_size, r_local=local_radius,
                                                level=conv_level, seed=seed),
                     null_seeds=null_seeds, null_images=null_images,
+                    attribution=attribution, attribution_images=attribution_images,
                 )
         for w in caught:
             if "unreadable image" in str(w.message):
                 console.print(f"[yellow]warning:[/] {w.message}")
-        report = result.write_report(out_dir)
+        report = result.write_report(out_dir, query=_parse_query(query, result.geometry))
     except ProbeError as e:
         console.print(f"[red]error:[/] {e}")
         raise typer.Exit(2)
@@ -140,6 +154,11 @@ def _summary(result) -> None:
     if cl is not None:
         verdicts = ", ".join(f"{int(r.layer)}: {r.conv_verdict}" for _, r in cl.layers.iterrows())
         Console().print(f"conv test — {cl.summary()}\n  per layer: {verdicts}")
+    att = result.extras.get("attribution")
+    for m, c in (att["checks"].items() if att else []):
+        Console().print(f"attribution ({m}) — {c.summary()}")
+    if "attribution_skipped" in result.meta:
+        console.print(f"[yellow]attribution skipped:[/] {result.meta['attribution_skipped']}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -233,6 +233,17 @@ def eval_transform(model: torch.nn.Module, overrides: dict[str, Any] | None = No
     args = dict(overrides or {})
     cfg = resolve_data_config(args, model=model)
     cfg.update({k: v for k, v in args.items() if v is not None})
+    channels = int(cfg["input_size"][0])
+    for key in ("mean", "std"):  # a 1-channel (grayscale) model needs 1-value mean/std
+        vals = tuple(float(v) for v in cfg[key])
+        if len(vals) != channels:
+            if len(set(vals)) != 1:
+                raise ProbeError(
+                    f"the model takes {channels} input channel(s) but its {key} has {len(vals)} values "
+                    f"{vals}; pass --{key} with {channels} value(s)"
+                )
+            vals = vals[:1] * channels
+        cfg[key] = vals
     keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
     tf = create_transform(**{k: cfg[k] for k in keys if k in cfg}, is_training=False)
     return tf, cfg

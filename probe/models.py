@@ -1,7 +1,8 @@
 """Model resolution: a name or module in, an eval-mode ``nn.Module`` with known weights out.
 
 * timm names, with short aliases (:data:`ALIASES`): ``vit_small`` -> ``vit_small_patch16_224``.
-* ``package.module:factory`` names a user factory returning an ``nn.Module``.
+* ``package.module:factory`` names a user factory returning an ``nn.Module`` (the module is found on
+  ``sys.path`` or from the current directory; ``path/to/model.py:factory`` loads a file).
 * Weights come from ``--weights FILE`` (safetensors; ``.pth``/``.pt``/``.bin`` only through
   ``torch.load(weights_only=True)``, which never executes pickled code), or from the hub when it is
   reachable, or — only when asked explicitly — random initialisation.
@@ -11,9 +12,11 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import os
 import pickle
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -228,14 +231,45 @@ def _short(e: BaseException, n: int = 160) -> str:
     return s if len(s) <= n else s[: n - 3] + "..."
 
 
-def _import_factory(spec: str) -> Callable[..., nn.Module]:
-    mod_name, _, attr = spec.partition(":")
+def _import_module(mod_name: str, spec: str) -> Any:
+    """Import ``mod_name``: a file ``path/to/model.py``, else a module on ``sys.path``, else one
+    found from the current directory (the ``probe`` console script does not put it on the path)."""
+    if mod_name.endswith(".py"):
+        path = Path(mod_name).resolve()
+        if not path.is_file():
+            raise ProbeError(f"model file {mod_name!r} for --model {spec!r} not found")
+        loader_spec = importlib.util.spec_from_file_location(path.stem, path)
+        mod = importlib.util.module_from_spec(loader_spec)
+        sys.modules[path.stem] = mod
+        try:
+            loader_spec.loader.exec_module(mod)
+        except Exception as e:
+            del sys.modules[path.stem]
+            raise ProbeError(f"cannot import {mod_name!r} for --model {spec!r} ({_short(e)})") from None
+        return mod
     try:
-        mod = importlib.import_module(mod_name)
+        return importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        top = mod_name.split(".")[0]
+        cwd = os.getcwd()
+        if e.name != top or cwd in sys.path:
+            raise
+        sys.path.insert(0, cwd)
+        try:
+            return importlib.import_module(mod_name)
+        finally:
+            sys.path.remove(cwd)
+
+
+def _import_factory(spec: str) -> Callable[..., nn.Module]:
+    mod_name, _, attr = spec.rpartition(":") if spec.count(":") > 1 else spec.partition(":")
+    try:
+        mod = _import_module(mod_name, spec)
     except ImportError as e:
         raise ProbeError(
             f"cannot import {mod_name!r} for --model {spec!r} ({_short(e)}); "
-            "make the module importable (PYTHONPATH) or fix the name"
+            "make the module importable (PYTHONPATH), run from its folder, pass a file "
+            "path/to/model.py:factory, or fix the name"
         ) from None
     obj = mod
     for part in attr.split("."):

@@ -14,10 +14,15 @@ from torch import nn
 
 from . import __version__
 from .analyses.reducers import LayerReducer
-from .capture import AttentionCapture, find_attention_layers, infer_geometry, parse_layers
+from .capture import (
+    AttentionCapture,
+    describe_rules,
+    find_attention_layers,
+    infer_geometries,
+    parse_layers,
+)
 from .data import ImageSet, TensorImages, collect_images, eval_transform, iter_batches
 from .errors import CaptureError, ProbeError
-from .geometry import TokenGeometry
 from .models import ResolvedModel, resolve_model
 from .analyses.convlike import ConvLikeConfig
 from .result import AnalysisResult
@@ -68,6 +73,9 @@ def analyze(
     conv_config: ConvLikeConfig | None = None,
     null_seeds: int = 3,
     null_images: int = 8,
+    attribution: str = "ig",
+    attribution_images: int = 16,
+    ig_steps: int = 16,
 ) -> AnalysisResult:
     """Analyse the attention heads of ``model`` on ``images``.
 
@@ -98,6 +106,11 @@ def analyze(
         null_seeds: random-init copies of the architecture for the test's null (a); skipped
             when the analysed weights are themselves a random init.
         null_images: images (the first of the analysed ones) each random-init copy sees.
+        attribution: head attribution with captum (:mod:`probe.attribution`): ``"ig"``
+            (integrated gradients over per-head gates), ``"ablation"``, ``"both"`` or ``"none"``;
+            skipped with a reason in ``meta["attribution_skipped"]`` for families without gates.
+        attribution_images: the first N analysed images are attributed.
+        ig_steps: integration steps of integrated gradients.
 
     Returns:
         An :class:`~probe.result.AnalysisResult` (``heads`` / ``layers`` DataFrames,
@@ -108,6 +121,8 @@ def analyze(
     """
     t0 = time.perf_counter()
     dev = resolve_device(device)
+    if attribution not in ("none", "ig", "ablation", "both"):
+        raise ProbeError(f"unknown --attribution {attribution!r}; use ig, ablation, both or none")
     if batch_size < 1:
         raise ProbeError(f"--batch-size must be at least 1, got {batch_size}")
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(
@@ -121,14 +136,6 @@ def analyze(
     else:
         image_set = collect_images(images, num_images, seed)
 
-    all_layers = find_attention_layers(net)
-    if not all_layers:
-        raise CaptureError(
-            f"{resolved.name}: no attention module that probe can capture was found "
-            f"(looked for: timm attention, Hugging Face ViT/DeiT/DINOv2, and registered rules); register a capture rule "
-            "(see probe.capture) or pass a supported model"
-        )
-    selected = [all_layers[i] for i in parse_layers(layers, len(all_layers))]
     transform, data_cfg = eval_transform(net, data_overrides)
     input_shape = tuple(int(v) for v in data_cfg["input_size"])
     mode = "L" if input_shape[0] == 1 else "RGB"
@@ -138,24 +145,27 @@ def analyze(
             f"{input_shape}; transform them with probe.data.eval_transform(model) or set "
             "data_overrides={'input_size': ...}"
         )
-    # The geometry is read off the first captured attention tensor (no extra forward pass); the
-    # reducers are created then, and every later tensor is checked against it.
-    by_index = {l.index: l for l in selected}
-    reducers: dict[int, LayerReducer] = {}
-    found: list[TokenGeometry] = []
+    all_layers = find_attention_layers(net, input_shape)
+    if not all_layers:
+        raise CaptureError(
+            f"{resolved.name}: no attention that probe can capture was found (tried: {describe_rules()}); "
+            "register a capture rule for its attention module (see probe.capture, docs/capture.md) "
+            "or pass a model with attention"
+        )
+    selected = [all_layers[i] for i in parse_layers(layers, len(all_layers), resolved.name)]
+    geometries = infer_geometries(net, selected, input_shape, prefix_tokens, grid, patch_size, resolved.name)
+    geometry = geometries[selected[0].index]
+
+    reducers = {l.index: LayerReducer(l.index, geometries[l.index], n_bootstrap, seed) for l in selected}
 
     def sink(index: int, attn: torch.Tensor) -> None:
-        reducer = reducers.get(index)
-        if reducer is None:
-            if not found:
-                found.append(infer_geometry(net, by_index[index], input_shape, prefix_tokens, grid,
-                                            patch_size, num_tokens=int(attn.shape[-1])))
-            reducer = reducers[index] = LayerReducer(index, found[0], n_bootstrap, seed)
-        reducer.update(attn)
+        reducers[index].update(attn)
 
     capture = AttentionCapture(selected, sink)
     total = len(image_set)
     done = 0
+    kept: list[torch.Tensor] = []  # images kept for the attribution (at most attribution_images)
+    kept_n = 0
     names: list[str] = []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (amp and dev.type == "cuda") else None
     with capture, torch.no_grad():
@@ -165,6 +175,9 @@ def analyze(
             batches = iter_batches(image_set, transform, batch_size, mode)
         for batch, batch_names in batches:
             batch = batch.to(dev, non_blocking=True)
+            if attribution != "none" and kept_n < attribution_images:
+                kept.append(batch[: attribution_images - kept_n].float())
+                kept_n += kept[-1].shape[0]
             if autocast is not None:
                 with autocast:
                     net(batch)
@@ -177,7 +190,6 @@ def analyze(
             if progress is not None:
                 progress(done + len(image_set.skipped), total)
 
-    geometry = found[0]
     stats = [reducers[l.index].result() for l in selected]
     heads = heads_frame(stats)
     layer_table = layers_frame(heads, stats)
@@ -198,6 +210,15 @@ def analyze(
             "num_prefix_tokens": geometry.num_prefix_tokens,
             "grid": list(geometry.grid),
             "pixels_per_token": list(geometry.pixels_per_token),
+        },
+        "geometry_per_layer": {
+            l.index: {
+                "num_prefix_tokens": g.num_prefix_tokens,
+                "grid": list(g.grid),
+                "pixels_per_token": list(g.pixels_per_token),
+            }
+            for l in selected
+            for g in [geometries[l.index]]
         },
         "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_cfg.items()},
         "device": str(dev) + (" (bf16 autocast)" if autocast is not None else ""),
@@ -222,6 +243,17 @@ def analyze(
         add_conv_test(result, cfg, null)
         meta["conv_null_seeds"] = len(next(iter(null.values()), []))
         meta["conv_null_images"] = min(null_images, done) if null else 0
+    if attribution != "none":
+        from .attribution import add_head_attribution, imagenet_labels_or_none, unsupported_reason
+
+        reason = unsupported_reason(net, meta["layer_names"])
+        if reason is None:
+            x = torch.cat(kept)
+            labels = imagenet_labels_or_none(names[: x.shape[0]], int(getattr(net, "num_classes", 0) or 0))
+            add_head_attribution(result, net, x, labels=labels, seed=seed, n_steps=ig_steps,
+                                 methods=("ig", "ablation") if attribution == "both" else (attribution,))
+        else:
+            meta["attribution_skipped"] = reason
     meta["runtime_s"] = time.perf_counter() - t0
     return result
 
@@ -248,7 +280,7 @@ def _random_init_scores(resolved: ResolvedModel, image_set: ImageSet | TensorIma
         twin = ResolvedModel(net, resolved.name, f"random init (seed {base + i})",
                              resolved.num_params, resolved.pretrained_cfg, resolved.rebuild)
         res = analyze(twin, subset_images(), layers=layers,
-                      n_bootstrap=0, conv_test=False, fits=True, **kw)
+                      n_bootstrap=0, conv_test=False, fits=True, attribution="none", **kw)
         for layer, s in layer_scores(res.heads, config).items():
             scores[layer].append(s)
     return scores

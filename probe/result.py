@@ -58,13 +58,19 @@ class AnalysisResult:
         from .report.render import render_report
 
         out = Path(out_dir)
-        q = self.geometry.center_patch if query is None else query
+        grids = {s.geometry.grid for s in self.stats.values()}
+        if query is None and len(grids) > 1:  # layers on different grids (Swin stages): own centres
+            maps = self.center_maps(None)
+            query_rc: Any = {l: divmod(s.geometry.center_patch, s.geometry.grid[1]) for l, s in self.stats.items()}
+        else:
+            q = self.geometry.center_patch if query is None else query
+            maps, query_rc = self.center_maps(q), divmod(q, self.geometry.grid[1])
         html = render_report(
             heads=self.heads,
             layers=self.layers,
             meta=self.meta,
-            center_maps=self.center_maps(q),
-            query_rc=divmod(q, self.geometry.grid[1]),
+            center_maps=maps,
+            query_rc=query_rc,
             extras=self.extras,
         )
         files = {

@@ -168,7 +168,9 @@ def test_deit_tiny_report_and_table(deit_run):
     for col in ["layer", "head", "mean_distance_px", "mean_distance_patches", "prefix_mass",
                 "entropy_nats", "entropy_norm"]:
         assert col in heads.columns
-    assert len(heads) == 36 and heads.notna().all().all()
+    core = ["layer", "head", "mean_distance_px", "mean_distance_patches", "prefix_mass",
+            "entropy_nats", "entropy_norm", "alpha", "quad_status", "conv_local"]
+    assert len(heads) == 36 and heads[core].notna().all().all()
     np.testing.assert_allclose(heads.mean_distance_px, heads.mean_distance_patches * 16, rtol=1e-6)
     names = (deit_run / "images.txt").read_text().split()
     assert len(names) == 64 == len(set(names))
@@ -177,7 +179,7 @@ def test_deit_tiny_report_and_table(deit_run):
     assert html.count("data:image/png;base64,") >= 3
     for text in ("deit_tiny_patch16_224", "deit_tiny_patch16_224.safetensors", "64 from",
                  "Mean attention distance against depth", "Attention entropy against depth",
-                 "Per-layer summary", "central query", "torch"):
+                 "Per-layer summary", "Attention map of the query patch", "torch"):
         assert text in html, text
     # mean attention distance grows with depth (ViT Fig. 7): last layers near uniform
     by_layer = heads.groupby("layer").mean_distance_px.mean()
@@ -193,3 +195,15 @@ def test_deit_tiny_numbers_match_independent_math(deit_run):
     got = heads[heads.layer.isin(layers)].reset_index(drop=True)
     for col in ("mean_distance_px", "entropy_nats", "prefix_mass"):
         np.testing.assert_allclose(got[col].to_numpy(), ref[col].to_numpy(), rtol=1e-3, err_msg=col)
+
+
+def test_chosen_query_map_and_bad_query(tmp_path):
+    out = tmp_path / "o"
+    res = run("--model", "vit_tiny", "--random-init", "--layers", "0", "--query", "0,13",
+              "--attribution", "none", "--no-conv-test", "--out", out)
+    assert res.exit_code == 0, res.output
+    assert "query patch at row 0, column 13" in (out / "report.html").read_text()
+    bad = run("--model", "vit_tiny", "--random-init", "--layers", "0", "--query", "14,0",
+              "--attribution", "none", "--out", tmp_path / "b")
+    assert "inside the 14x14 patch grid" in _error_line(bad)
+    assert not (tmp_path / "b" / "report.html").exists()

@@ -1,8 +1,22 @@
-"""Model families beyond timm: capture rules and model resolution, one module per family.
+"""Model families beyond timm's plain ViT attention: capture rules and model resolution, one
+module per family.
 
-Importing this package registers every family's capture rules. Each family module imports its
-third-party library (e.g. ``transformers`` for :mod:`probe.families.hf`) only inside its
-functions, so importing it is cheap and safe when that optional extra is not installed.
+Importing this package (done by :mod:`probe`) registers every family's capture rules:
+
+* :mod:`.hf` — Hugging Face ``transformers`` ViT/DeiT/DINOv2 (imports ``transformers`` only inside
+  its functions, so importing it is cheap and safe when that optional extra is not installed);
+* :mod:`.timm_extra` — ConViT's gated positional attention (no class token in the local layers),
+  Swin's window attention mapped back to image positions, CaiT's talking heads, a refusal for
+  XCiT's channel attention;
+* :mod:`.torch_nn` — ``nn.MultiheadAttention`` (``nn.TransformerEncoderLayer``, torchvision ViT,
+  user modules) with per-head weights and the fused fast path switched off;
+* :mod:`.functional` — the fallback for user modules without a recognised attention module: calls
+  of ``F.scaled_dot_product_attention`` and softmax over ``(batch, heads, T, T)`` scores, found in
+  one forward pass.
+
+How to add a rule for a new attention module: :mod:`probe.capture` and ``docs/capture.md``.
 """
 
-from . import hf  # noqa: F401  (registers HFEagerAttentionRule)
+from . import functional, hf, timm_extra, torch_nn  # noqa: F401
+
+__all__ = ["functional", "hf", "timm_extra", "torch_nn"]

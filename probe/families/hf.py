@@ -543,12 +543,22 @@ def resolve_hf(
             "(see probe.capture)"
         )
     prepare(net, processor)
+    cfg_copy, net_cls = net.config, type(net)
+
+    def rebuild(seed: int) -> nn.Module:
+        """The same transformers architecture, randomly initialised from its config."""
+        import copy
+
+        fresh = _from_config(net_cls, copy.deepcopy(cfg_copy), seed).float()
+        return prepare(fresh, processor)
+
     return ResolvedModel(
         model=net,
         name=name,
         weights=source,
         num_params=sum(p.numel() for p in net.parameters()),
         pretrained_cfg=dict(net.pretrained_cfg),
+        rebuild=rebuild,
     )
 
 

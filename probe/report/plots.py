@@ -55,7 +55,8 @@ def attention_maps(center_maps: dict[int, np.ndarray], query_rc: tuple[int, int]
 
     Args:
         center_maps: ``{layer: array (heads, rows, cols)}``.
-        query_rc: ``(row, col)`` of the query patch, marked with a cross.
+        query_rc: ``(row, col)`` of the query patch, marked with a cross; or ``{layer: (row, col)}``
+            when the layers' grids differ.
     """
     layers = sorted(center_maps)
     n_heads = max(m.shape[0] for m in center_maps.values())
@@ -71,7 +72,8 @@ def attention_maps(center_maps: dict[int, np.ndarray], query_rc: tuple[int, int]
                 ax.axis("off")
                 continue
             ax.imshow(maps[h], cmap="viridis", interpolation="nearest")
-            ax.plot(query_rc[1], query_rc[0], "r+", ms=6, mew=1.2)
+            rc = query_rc[layer] if isinstance(query_rc, dict) else query_rc
+            ax.plot(rc[1], rc[0], "r+", ms=6, mew=1.2)
             if i == 0:
                 ax.set_title(f"head {h}", fontsize=8)
             if h == 0:

@@ -90,4 +90,8 @@ def build_sections(heads: pd.DataFrame, meta: dict[str, Any], extras: dict[str, 
         out.append(convlike_section(extras["convlike"], meta))
     if "quadratic" in extras and "delta_row" in heads:
         out.append(quadratic_section(heads, meta))
+    if "attribution" in extras:
+        from .section_attribution import attribution_section
+
+        out.append(attribution_section(heads, extras["attribution"]))
     return out

@@ -1,0 +1,220 @@
+"""Capture rules for timm families beyond the plain ViT attention of :mod:`probe.capture`.
+
+* **ConViT** (d'Ascoli et al. 2021): its gated positional self-attention (``GPSA``) runs in the
+  first ``local_up_to_layer`` blocks, *before* the class token is concatenated; its attention
+  probabilities are the gated mixture
+  ``(1 - sigmoid(g)) softmax(q k^T * scale) + sigmoid(g) softmax(pos_proj(r_qk))``, renormalised
+  (paper Eq. 5), read at ``attn_drop`` like any timm attention. The rule tells the geometry that
+  these layers have **no** prefix token; the later ``MHSA`` layers have the class token.
+* **Swin** (Liu et al. 2021; timm ``swin_transformer`` and ``swin_transformer_v2``): attention is
+  computed inside non-overlapping ``M x M`` windows, every other block on a grid cyclically
+  shifted by ``M/2``. The rule hooks the Swin *block* (which knows the window size, the shift
+  and the stage's ``H x W`` token grid) and maps each window's ``(M^2, M^2)`` probabilities back
+  to image positions: the result is the stage's full ``(H W, H W)`` attention matrix, zero
+  between tokens that share no window (and ~1e-44 between tokens of a shifted window that come
+  from opposite image borders, which Swin masks with -100). A Swin layer therefore has no prefix
+  token, the grid of its stage and ``input / grid`` pixels per token (4, 8, 16, 32 px in the
+  usual models). Windows that need padding (a stage grid that is not a multiple of the window)
+  are refused: the padded tokens take attention mass that belongs to no image position.
+* **CaiT** talking-heads attention: probabilities read at the input of ``proj_w`` (after the
+  softmax, before the second head mixing); its class-attention layers are refused (one query).
+* **XCiT** cross-covariance attention (``XCA``) is refused: it attends across channels, not
+  tokens, so there is no attention between image positions.
+
+Other windowed or channel attention is refused generically by :func:`probe.capture.dry_run`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..capture import CaptureRule, Emit, Restore, TimmAttentionRule, register_rule
+from ..errors import CaptureError
+
+#: Emit the dense Swin attention in pieces of at most this many bytes.
+DENSE_CHUNK_BYTES = 1 << 27
+
+
+class ConvitGpsaRule(TimmAttentionRule):
+    """timm ConViT's ``GPSA`` layers: gated positional attention over patch tokens only."""
+
+    name = "timm-convit-gpsa"
+
+    def matches(self, module: nn.Module) -> bool:
+        return type(module).__name__ == "GPSA" and type(module).__module__ == "timm.models.convit"
+
+    def num_prefix_tokens(self, module: nn.Module) -> int | None:
+        return 0
+
+
+class CaitTalkingHeadsRule(CaptureRule):
+    """timm CaiT's talking-heads attention (Touvron et al. 2021, Sec. 2): the probabilities are
+    ``softmax(proj_l(q k^T * scale))`` over the heads mixed by ``proj_l``; ``attn_drop`` sees them
+    only after a second mixing ``proj_w``, whose rows no longer sum to one. The rule reads the input
+    of ``proj_w`` instead. (CaiT's class-attention layers, whose only query is the class token, are
+    refused by :func:`probe.capture.dry_run`; select the self-attention layers with ``--layers``.)"""
+
+    name = "timm-cait-talking-heads"
+
+    def matches(self, module: nn.Module) -> bool:
+        return (type(module).__name__ == "TalkingHeadAttn" and type(module).__module__ == "timm.models.cait"
+                and isinstance(getattr(module, "proj_w", None), nn.Module))
+
+    def num_prefix_tokens(self, module: nn.Module) -> int | None:
+        return 0  # the class token joins only in the class-attention layers
+
+    def install(self, module: nn.Module, emit: Emit) -> Restore:
+        # proj_w receives the probabilities as (batch, query, key, heads)
+        handle = module.proj_w.register_forward_pre_hook(lambda mod, args: emit(args[0].permute(0, 3, 1, 2)))
+        return handle.remove
+
+
+class XcaRefusalRule(CaptureRule):
+    """timm XCiT's cross-covariance attention: refused, it has no token-to-token attention."""
+
+    name = "timm-xcit-xca (refused)"
+
+    def matches(self, module: nn.Module) -> bool:
+        return type(module).__name__ == "XCA" and type(module).__module__ == "timm.models.xcit"
+
+    def install(self, module: nn.Module, emit: Emit) -> Restore:
+        raise CaptureError(
+            "XCiT's cross-covariance attention (XCA) attends across channels (head_dim x head_dim), "
+            "not between tokens, so there is no attention between image positions to analyse; "
+            "choose a model with token self-attention"
+        )
+
+
+def _fused_off(module: nn.Module) -> Restore:
+    """Switch off timm's ``fused_attn`` flag (if any) so ``attn_drop`` sees the probabilities."""
+    if not hasattr(module, "fused_attn"):
+        return lambda: None
+    own = "fused_attn" in vars(module)
+    old = module.fused_attn
+    module.fused_attn = False
+
+    def restore() -> None:
+        if own:
+            module.fused_attn = old
+        else:
+            del module.fused_attn
+
+    return restore
+
+
+def window_positions(
+    grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int], device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Image position of every token of every Swin window.
+
+    Swin rolls the ``(H, W)`` token grid by ``-shift`` and cuts it into ``window``-sized windows
+    in row-major order (timm ``window_partition``); token ``i`` of a window is its row-major
+    position inside the window.
+
+    Args:
+        grid: ``(H, W)`` tokens of the stage, multiples of ``window``.
+        window: ``(Mh, Mw)`` window size in tokens.
+        shift: ``(Sh, Sw)`` cyclic shift in tokens (0 for regular windows).
+
+    Returns:
+        long tensor ``(num_windows, Mh * Mw)`` of row-major positions ``row * W + col`` in the
+        unshifted grid.
+    """
+    (h, w), (mh, mw), (sh, sw) = grid, window, shift
+    rows = (torch.arange(h, device=device) + sh) % h  # original row of shifted row
+    cols = (torch.arange(w, device=device) + sw) % w
+    pos = rows[:, None] * w + cols[None, :]  # (H, W) in shifted coordinates
+    pos = pos.reshape(h // mh, mh, w // mw, mw).permute(0, 2, 1, 3)
+    return pos.reshape(-1, mh * mw)
+
+
+def windows_to_dense(attn: torch.Tensor, positions: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Scatter per-window attention into the full attention matrix of the stage.
+
+    Args:
+        attn: ``(batch * num_windows, heads, N, N)`` window attention (timm order: image-major).
+        positions: ``(num_windows, N)`` from :func:`window_positions`.
+        num_tokens: ``H * W``.
+
+    Returns:
+        ``(batch, heads, H W, H W)``; zero where query and key share no window.
+    """
+    nw, n = positions.shape
+    b = attn.shape[0] // nw
+    heads = attn.shape[1]
+    flat = (positions[:, :, None] * num_tokens + positions[:, None, :]).reshape(-1)
+    win = attn.reshape(b, nw, heads, n, n).permute(0, 2, 1, 3, 4).reshape(b, heads, nw * n * n)
+    dense = attn.new_zeros(b, heads, num_tokens * num_tokens)
+    dense[:, :, flat] = win
+    return dense.view(b, heads, num_tokens, num_tokens)
+
+
+class SwinWindowRule(CaptureRule):
+    """timm Swin (v1, v2) blocks: window attention mapped back to the stage's token grid."""
+
+    name = "timm-swin-windows"
+
+    def matches(self, module: nn.Module) -> bool:
+        attn = getattr(module, "attn", None)
+        return (
+            type(module).__module__ in ("timm.models.swin_transformer", "timm.models.swin_transformer_v2")
+            and hasattr(module, "_attn")
+            and hasattr(module, "window_size")
+            and hasattr(module, "shift_size")
+            and isinstance(attn, nn.Module)
+            and isinstance(getattr(attn, "attn_drop", None), nn.Module)
+        )
+
+    def num_prefix_tokens(self, module: nn.Module) -> int | None:
+        return 0
+
+    def install(self, module: nn.Module, emit: Emit) -> Restore:
+        state: dict[str, tuple[int, int]] = {}
+        cache: dict[tuple, torch.Tensor] = {}
+        attn_mod = module.attn
+        restore_fused = _fused_off(attn_mod)
+
+        def pre_hook(mod: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if x.dim() != 4:
+                raise CaptureError(
+                    f"{type(mod).__name__} received input of shape {tuple(x.shape)}, not (batch, H, W, "
+                    "channels); this timm Swin version is not supported, choose other --layers"
+                )
+            state["grid"] = (int(x.shape[1]), int(x.shape[2]))
+
+        def on_attn(mod: nn.Module, inp: tuple, attn: torch.Tensor) -> None:
+            h, w = state["grid"]
+            window = tuple(int(v) for v in module.window_size)
+            shift = tuple(int(v) for v in module.shift_size)
+            if h % window[0] or w % window[1]:
+                raise CaptureError(
+                    f"Swin block with a {h}x{w} token grid and {window[0]}x{window[1]} windows pads its "
+                    "windows, and padded tokens take attention that belongs to no image position; set "
+                    "--input-size so that every stage's grid is a multiple of the window size"
+                )
+            key = (h, w, window, shift, attn.device)
+            if key not in cache:
+                cache[key] = window_positions((h, w), window, shift, attn.device)
+            pos = cache[key]
+            tokens = h * w
+            per_image = attn.shape[1] * tokens * tokens * attn.element_size()
+            step = max(1, DENSE_CHUNK_BYTES // max(per_image, 1)) * pos.shape[0]
+            for s in range(0, attn.shape[0], step):
+                emit(windows_to_dense(attn[s: s + step], pos, tokens))
+
+        handles = [module.register_forward_pre_hook(pre_hook), attn_mod.attn_drop.register_forward_hook(on_attn)]
+
+        def restore() -> None:
+            for handle in handles:
+                handle.remove()
+            restore_fused()
+
+        return restore
+
+
+register_rule(SwinWindowRule())
+register_rule(XcaRefusalRule())
+register_rule(CaitTalkingHeadsRule())
+register_rule(ConvitGpsaRule())

@@ -1,0 +1,77 @@
+"""Capture rule for PyTorch's own ``nn.MultiheadAttention``.
+
+Covers every model built from stock PyTorch layers: ``nn.TransformerEncoderLayer`` /
+``nn.TransformerEncoder``, torchvision's ``vit_b_16`` family (``EncoderBlock.self_attention``) and
+user modules that hold an ``nn.MultiheadAttention``.
+
+Three ways these models hide their attention probabilities, and what the rule does about each:
+
+* callers pass ``need_weights=False`` (``TransformerEncoderLayer._sa_block``, torchvision's
+  ``EncoderBlock``): while installed, the module's ``forward`` is wrapped so that it always computes
+  the weights, and returns ``None`` for them to a caller that did not ask, as before;
+* with weights, ``nn.MultiheadAttention`` averages them over heads by default: the wrapper passes
+  ``average_attn_weights=False``, so the probabilities are per head, ``(batch, heads, query, key)``;
+* in eval mode without gradients, ``TransformerEncoderLayer``, ``TransformerEncoder`` and
+  ``MultiheadAttention`` take a fused "fast path" that never materialises the weights (and skips
+  the module's ``forward`` altogether): it is switched off with
+  ``torch.backends.mha.set_fastpath_enabled(False)`` while installed and restored afterwards.
+
+The weights are those of ``F.multi_head_attention_forward``:
+``softmax(q k^T / sqrt(head_dim) + mask)`` per head (Vaswani et al. 2017, Eq. 1), before dropout.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..capture import CaptureRule, Emit, Restore, register_rule
+
+
+#: ``nn.MultiheadAttention.forward``'s parameters after ``(query, key, value)``, in order.
+_MHA_ARGS = ("key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")
+
+
+class MultiheadAttentionRule(CaptureRule):
+    """``torch.nn.MultiheadAttention``: per-head weights, the fast path switched off."""
+
+    name = "torch-multihead-attention"
+
+    def matches(self, module: nn.Module) -> bool:
+        return isinstance(module, nn.MultiheadAttention)
+
+    def install(self, module: nn.Module, emit: Emit) -> Restore:
+        had_forward = "forward" in vars(module)
+        old_forward = vars(module).get("forward")
+        inner = module.forward  # bound method (or an existing instance override)
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+
+        def forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any):
+            kwargs.update(zip(_MHA_ARGS, args))  # positional arguments after (query, key, value)
+            asked = kwargs.pop("need_weights", True)
+            averaged = kwargs.pop("average_attn_weights", True)
+            out, weights = inner(query, key, value, need_weights=True, average_attn_weights=False, **kwargs)
+            if weights is not None:
+                emit(weights if weights.dim() == 4 else weights.unsqueeze(0))
+            if not asked:
+                return out, None
+            if averaged and weights is not None:
+                weights = weights.mean(dim=-3)
+            return out, weights
+
+        module.forward = forward
+
+        def restore() -> None:
+            if had_forward:
+                module.forward = old_forward
+            else:
+                del module.forward
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+
+        return restore
+
+
+register_rule(MultiheadAttentionRule())
