@@ -240,6 +240,20 @@ def quiet_wait(max_wait: float, threshold: float = 0.15, window: float = 0.3) ->
     return {"busy": round(busy, 3), "waited": round(time.perf_counter() - t0 - window, 2)}
 
 
+def extract_reducer(ref: str, tmp: Path) -> str | None:
+    """Save ``probe/analyses/reducers.py`` of git commit ``ref`` under ``tmp``; None if git fails."""
+    import subprocess
+
+    try:
+        text = subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:probe/analyses/reducers.py"],
+                              check=True, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    out = tmp / "before_reducers.py"
+    out.write_text(text)
+    return str(out)
+
+
 def curve_env(args) -> dict[str, str]:
     """Environment of the memory-curve workers.
 
@@ -268,6 +282,7 @@ def measure_throughput(model, configs, names, args, images_path) -> list[dict]:
     base = {
         "model": model, "images": str(images_path), "num_images": max(n for _, n in configs),
         "device": args.device, "amp": args.amp, "threads": args.threads, "seed": 0,
+        "before_reducer": getattr(args, "before_reducer", None),
     }
     workers = {v: Worker({**base, "variant": v}) for v in names}
     rows = []
@@ -372,7 +387,8 @@ def ratios(rows: list[dict]) -> list[dict]:
         sel = {r["variant"]: r for r in rows if r["model"] == model and r["batch_size"] == bs}
         ips = {v: r["images_per_s"] for v, r in sel.items()}
         row: dict[str, Any] = {"model": model, "batch_size": bs}
-        for num, den in (("c", "a"), ("c", "b"), ("c", "d"), ("s", "b"), ("s", "a")):
+        for num, den in (("c", "a"), ("c", "b"), ("c", "d"), ("s", "b"), ("s", "a"), ("s", "d"),
+                         ("s0", "b"), ("s0", "d"), ("s", "s0")):
             if num in ips and den in ips:
                 row[f"{num}/{den}"] = round(ips[num] / ips[den], 3)
         if all(v in sel for v in ("b", "c", "s")):
@@ -510,13 +526,22 @@ def write_markdown(res: dict, path: Path) -> None:
           "`fixed s` = median c − median s on the same images); its c/b at more images is projected "
           "from the measured per-image times, and `c/b ≥ 0.8 from` is the image count where it "
           "reaches the target.", "",
-          "| model | batch | c/a | c/b | c/d | s/a | s/b | fixed s | c/b at 1024 (proj.) | c/b ≥ 0.8 from |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          "| model | batch | c/a | c/b | c/d | s/a | s/b | s/d | fixed s | c/b at 1024 (proj.) | c/b ≥ 0.8 from |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["ratios"]:
         proj = (r.get("c_over_b_at_n") or {}).get("1024")
         L.append(f"| {r['model']} | {r['batch_size']} | {_fmt(r.get('c/a'))} | {_fmt(r.get('c/b'))} | "
-                 f"{_fmt(r.get('c/d'))} | {_fmt(r.get('s/a'))} | {_fmt(r.get('s/b'))} | {_fmt(r.get('fixed_s'))} | "
-                 f"{_fmt(proj)} | {_fmt(r.get('break_even_images'))} |")
+                 f"{_fmt(r.get('c/d'))} | {_fmt(r.get('s/a'))} | {_fmt(r.get('s/b'))} | {_fmt(r.get('s/d'))} | "
+                 f"{_fmt(r.get('fixed_s'))} | {_fmt(proj)} | {_fmt(r.get('break_even_images'))} |")
+    if any("s/s0" in r for r in res["ratios"]):
+        L += ["", "Before / after the hot-path work, in this run (s0 = streaming analysis with the reducer "
+              f"of commit {res['config'].get('before_ref')}, s = now; interleaved, same images):", "",
+              "| model | batch | s0/b before | s/b after | s0/d before | s/d after | speed-up s/s0 |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in res["ratios"]:
+            if "s/s0" in r:
+                L.append(f"| {r['model']} | {r['batch_size']} | {_fmt(r.get('s0/b'))} | {_fmt(r.get('s/b'))} | "
+                         f"{_fmt(r.get('s0/d'))} | {_fmt(r.get('s/d'))} | {_fmt(r.get('s/s0'))} |")
     if res.get("agreement"):
         L += ["", "Agreement of c and d on the same images (largest |c − d| over heads; they compute "
               "the same statistics, c streaming in float32/float64, d in NumPy afterwards):", "",
@@ -596,7 +621,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--images", type=int, default=None,
                     help="images per timed repeat (default: about 16 DeiT-Tiny-equivalents per configuration)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per workload (median reported)")
-    ap.add_argument("--variants", default="a,b,s,c,d", help="workloads to time (see bench/variants.py)")
+    ap.add_argument("--variants", default="a,b,s,c,d", help="workloads to time (see bench/variants.py; s0 comes with --before-ref)")
     ap.add_argument("--memory-curve", default="64,256,1024", help="image counts of the memory curve ('' to skip)")
     ap.add_argument("--memory-models", default="deit_tiny")
     ap.add_argument("--memory-variants", default="b,c,d", help="workloads of the memory curve")
@@ -614,6 +639,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--synthetic", action="store_true", help="random images instead of photos")
     ap.add_argument("--quick", action="store_true",
                     help="DeiT-Tiny only, batch 1 and 16, memory curve 64,256 (a few minutes)")
+    ap.add_argument("--before-ref", default=None,
+                    help="git commit whose probe/analyses/reducers.py is timed as workload s0 in the same "
+                         "run (before/after of the reducer), e.g. cecb843")
     ap.add_argument("--label", default="current", help="name of this run in before/after tables")
     ap.add_argument("--baseline", type=Path, default=None, help="an earlier results.json to compare with")
     ap.add_argument("--extra-markdown", type=Path, default=None, help="a markdown file appended to RESULTS.md")
@@ -660,7 +688,7 @@ def main(argv=None) -> int:
             "memory_batch_size": args.memory_batch_size, "pool": args.pool, "curve_malloc": args.curve_malloc,
             "device": args.device,
             "amp": args.amp, "threads_used": args.threads or torch.get_num_threads(),
-            "quiet_wait_s": args.quiet_wait,
+            "quiet_wait_s": args.quiet_wait, "before_ref": args.before_ref,
         },
         "notes": notes,
         "throughput": [],
@@ -668,6 +696,20 @@ def main(argv=None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="probe-bench-") as tmpd:
         tmp = Path(tmpd)
+        args.before_reducer = None
+        if args.before_ref:
+            args.before_reducer = extract_reducer(args.before_ref, tmp)
+            if args.before_reducer is None:
+                notes.append(f"--before-ref {args.before_ref}: could not read its reducer from git; s0 skipped")
+                names = [v for v in names if v != "s0"]
+            else:
+                if "s0" not in names:
+                    names.insert(names.index("s") + 1 if "s" in names else len(names), "s0")
+                notes.append(f"s0 = s with probe/analyses/reducers.py of commit {args.before_ref} "
+                             "(before the hot-path work), interleaved with the other workloads")
+        else:
+            names = [v for v in names if v != "s0"]
+        res["config"]["variants"] = names
         for model in models:
             configs = []
             for bs in batch_sizes:

@@ -12,6 +12,8 @@ Every workload processes the same images (a pre-transformed tensor, streamed bat
   conv-likeness test with its random-init null; no report);
 * ``s`` — the streaming part of ``c`` alone (``fits=False, conv_test=False``): its cost grows with
   the number of images, while ``c - s`` is a fixed cost per analysis;
+* ``s0`` — ``s`` with the reducer module of an earlier commit swapped in (``--before-ref``), timed
+  in the same interleaved run: the before/after of the hot-path work;
 * ``d`` — the naive baseline a user writes today: timm's ``AttentionExtract`` (torch.fx), every
   attention map of every layer kept as a NumPy array, then the same statistics computed afterwards
   in vectorised NumPy (mean attention distance in patches and pixels, entropy, prefix mass, the
@@ -26,6 +28,7 @@ interleaved. The memory curve uses a fresh worker per point.
 
 from __future__ import annotations
 
+import inspect
 import math
 import resource
 import sys
@@ -44,9 +47,11 @@ import torch  # noqa: E402
 VARIANTS = {
     "a": "forward, fused attention (as shipped)",
     "b": "forward, attention probabilities materialised",
-    "c": "probe.analyze (full analysis as shipped: capture, reducers, tables, Δ/α fits, conv-likeness "
-         "test with its random-init null; no report)",
-    "s": "probe.analyze streaming part only (capture, reducers, tables; fits=False, conv_test=False)",
+    "c": "probe.analyze (full analysis: capture, reducers, tables, Δ/α fits, conv-likeness test with "
+         "its random-init null; no report, attribution='none')",
+    "s": "probe.analyze streaming part only (capture, reducers, tables; fits, conv test and "
+         "attribution off)",
+    "s0": "s with the reducer of an earlier commit (--before-ref), in the same run: before/after",
     "d": "naive: timm AttentionExtract + all maps kept + NumPy metrics",
 }
 
@@ -62,6 +67,21 @@ def load_model(name: str, seed: int = 0):
     if full == "deit_tiny_patch16_224" and DEIT_WEIGHTS.is_file():
         return resolve_model(full, weights=DEIT_WEIGHTS)
     return resolve_model(full, random_init=True, seed=seed)
+
+
+def load_reducer(path: str):
+    """``LayerReducer`` of a reducers module saved from an earlier commit (for workload s0).
+
+    The file is loaded as a module of ``probe.analyses`` so that its relative imports resolve.
+    """
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("probe.analyses._before_reducers", path)
+    mod = importlib.util.module_from_spec(spec)
+    mod.__package__ = "probe.analyses"
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod.LayerReducer
 
 
 def rss_mb() -> float:
@@ -179,6 +199,8 @@ class Workload:
         elif self.variant in ("b", "d"):
             for m in _attention_modules(self.model):
                 m.fused_attn = False
+        if self.variant == "s0":
+            self.before_reducer = load_reducer(spec["before_reducer"])
         if self.variant == "d":
             from timm.utils import AttentionExtract
 
@@ -226,6 +248,8 @@ class Workload:
 
         src = self.source if num_images is None else TensorImages(self.source.pool, num_images)
         options.setdefault("attribution", "none")  # (c) is capture + statistics + fits + grid test
+        if "attribution" in inspect.signature(probe.analyze).parameters:
+            options.setdefault("attribution", "none")  # not part of workload c (see VARIANTS)
         result = probe.analyze(
             self.resolved, src, batch_size=self.batch_size, device=str(self.device),
             amp=bool(self.spec.get("amp", False)), seed=self.spec.get("seed", 0), **options,
@@ -239,6 +263,16 @@ class Workload:
 
     def _run_s(self, num_images):
         self._run_c(num_images, fits=False, conv_test=False)
+
+    def _run_s0(self, num_images):
+        import probe.pipeline as pipeline
+
+        current = pipeline.LayerReducer
+        pipeline.LayerReducer = self.before_reducer
+        try:
+            self._run_c(num_images, fits=False, conv_test=False)
+        finally:
+            pipeline.LayerReducer = current
 
     def _run_d(self, num_images):
         maps: dict[str, list[np.ndarray]] = {}
