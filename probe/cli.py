@@ -86,7 +86,7 @@ def analyze(
     anisotropic: bool = typer.Option(False, "--anisotropic", help="also fit the full 2x2 covariance form"),
     conv_test: bool = typer.Option(True, "--conv-test/--no-conv-test", help="test whether layers act like KxK convolutions"),
     null_seeds: int = typer.Option(3, "--null-seeds", help="random-init copies for the conv test's null (0: skip)"),
-    null_images: int = typer.Option(8, "--null-images", help="images each random-init copy sees"),
+    null_images: int = typer.Option(4, "--null-images", help="images each random-init copy sees (the first analysed ones)"),
     local_radius: float = typer.Option(2.0, "--local-radius", help="a head is local when 90% of its attention lies within this many patches of its centre"),
     kernel_size: Optional[int] = typer.Option(None, "--kernel-size", help="K of the KxK lattice (default sqrt(heads) if a square >= 4, else 3)"),
     conv_level: float = typer.Option(0.01, "--conv-level", help="family-wise significance level (Holm) of the conv test"),

@@ -26,7 +26,7 @@ from .errors import CaptureError, ProbeError
 from .models import ResolvedModel, resolve_model
 from .analyses.convlike import ConvLikeConfig
 from .result import AnalysisResult
-from .steps import add_conv_test, add_quadratic_fits, layer_scores
+from .steps import add_conv_test, add_quadratic_fits, stats_layer_scores
 from .tables import heads_frame, layers_frame
 
 Progress = Callable[[int, int], None]
@@ -72,7 +72,7 @@ def analyze(
     conv_test: bool = True,
     conv_config: ConvLikeConfig | None = None,
     null_seeds: int = 3,
-    null_images: int = 8,
+    null_images: int = 4,
     attribution: str = "ig",
     attribution_images: int = 16,
     ig_steps: int = 16,
@@ -280,8 +280,8 @@ def _random_init_scores(resolved: ResolvedModel, image_set: ImageSet | TensorIma
         twin = ResolvedModel(net, resolved.name, f"random init (seed {base + i})",
                              resolved.num_params, resolved.pretrained_cfg, resolved.rebuild)
         res = analyze(twin, subset_images(), layers=layers,
-                      n_bootstrap=0, conv_test=False, fits=True, attribution="none", **kw)
-        for layer, s in layer_scores(res.heads, config).items():
+                      n_bootstrap=0, conv_test=False, fits=False, attribution="none", **kw)
+        for layer, s in stats_layer_scores(res.stats, config).items():
             scores[layer].append(s)
     return scores
 

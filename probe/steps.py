@@ -11,8 +11,11 @@ import numpy as np
 import pandas as pd
 
 from .analyses.convlike import ConvLikeConfig, LayerFit, convlike_score, convlike_test
-from .analyses.quadratic import empirical_mass_radius, fit_layer_stats
+from .analyses.quadratic import empirical_mass_radius, fit_layer_stats, max_disk_mass
 from .result import AnalysisResult
+
+#: Attention mass of the measured locality radius ``r90_empirical_patches`` (90 %).
+R90_MASS = 0.9
 
 
 def add_quadratic_fits(result: AnalysisResult, anisotropic: bool = False) -> None:
@@ -27,7 +30,7 @@ def add_quadratic_fits(result: AnalysisResult, anisotropic: bool = False) -> Non
     for layer, st in result.stats.items():
         fit = fit_layer_stats(st, anisotropic=anisotropic)
         frame = fit.to_frame()
-        frame["r90_empirical_patches"] = empirical_mass_radius(st.mean_attn, st.geometry, fit.delta, 0.9)
+        frame["r90_empirical_patches"] = empirical_mass_radius(st.mean_attn, st.geometry, fit.delta, R90_MASS)
         fits[layer] = fit
         frames.append(frame)
     quad = pd.concat(frames, ignore_index=True)
@@ -61,6 +64,39 @@ def layer_scores(heads: pd.DataFrame, config: ConvLikeConfig) -> dict[int, float
                               r_local=config.r_local, mass=config.mass, tolerance=config.tolerance)
         for layer, f in layer_fits(heads).items()
     }
+
+
+def stats_layer_scores(stats, config: ConvLikeConfig) -> dict[int, float]:
+    """:func:`layer_scores` straight from the streaming statistics, fitting only where needed.
+
+    Same scores as fitting every head (:func:`add_quadratic_fits`, no bootstrap) then
+    :func:`layer_scores`: a layer in which no head can hold :data:`R90_MASS` of its attention
+    within ``config.r_local`` of *any* centre (:func:`~probe.analyses.quadratic.max_disk_mass`)
+    has no local head, so its score is 0 whatever the fitted Δ; only the other layers are
+    fitted. Used for the random-init null, whose heads are almost never local.
+
+    Args:
+        stats: ``{layer: LayerStats}``.
+        config: the conv-likeness thresholds.
+
+    Returns:
+        ``{layer: score}`` (sorted by layer).
+    """
+    out = {}
+    for layer, st in sorted(stats.items()):
+        mean_attn = st.mean_attn
+        bound = max_disk_mass(mean_attn, st.geometry, config.r_local)
+        total = mean_attn.sum(-1).mean(-1).numpy()  # (heads,), 1 up to rounding
+        if not np.any(bound >= R90_MASS * total - 1e-9):
+            out[int(layer)] = 0.0
+            continue
+        fit = fit_layer_stats(st, bootstrap=False)
+        r90 = empirical_mass_radius(mean_attn, st.geometry, fit.delta, R90_MASS)
+        delta = np.where(np.isfinite(fit.delta), fit.delta, 0.0)
+        out[int(layer)] = convlike_score(delta, r90=r90, kernel_size=config.kernel_size,
+                                         r_local=config.r_local, mass=config.mass,
+                                         tolerance=config.tolerance)
+    return out
 
 
 def add_conv_test(result: AnalysisResult, config: ConvLikeConfig,

@@ -419,13 +419,31 @@ def convlike_score(
 
 
 def _scores_from_masks(centres: np.ndarray, masks: np.ndarray, k: int, tol: float) -> np.ndarray:
-    """Scores of draws: centres ``(n, H, 2)``, local masks ``(n, H)`` -> ``(n,)``."""
+    """Scores of draws: centres ``(n, H, 2)``, local masks ``(n, H)`` -> ``(n,)``.
+
+    Each score is the maximum-weight one-to-one matching of :func:`lattice_match`. Exact fast
+    path: the matching weight is at most the sum over heads of each head's best lattice
+    similarity, and that bound is attained when the local heads' best lattice points are all
+    different; only draws where two local heads share a best point go through
+    ``scipy.optimize.linear_sum_assignment``.
+    """
     lattice = kernel_lattice(k)
-    n_target = min(centres.shape[1], lattice.shape[0])
-    dist2 = ((centres[:, :, None, :] - lattice[None, None]) ** 2).sum(-1)
-    sim = np.exp(-dist2 / (2 * tol**2)) * masks[:, :, None]
-    out = np.empty(centres.shape[0])
-    for i in range(centres.shape[0]):
+    n, h = centres.shape[:2]
+    n_target = min(h, lattice.shape[0])
+    live = masks > 0
+    sim = np.zeros((n, h, lattice.shape[0]))  # (n, H, K^2); zero for non-local heads
+    c = centres[live]  # (m, 2): only local heads need their similarities
+    d2 = (c[:, 0, None] - lattice[None, :, 0]) ** 2
+    d2 += (c[:, 1, None] - lattice[None, :, 1]) ** 2
+    d2 *= -1.0 / (2 * tol**2)
+    sim[live] = np.exp(d2, out=d2) * masks[live][:, None]
+    best = sim.argmax(-1)  # (n, H)
+    out = sim.max(-1).sum(-1)
+    # a non-local head gets a label no lattice point has, so only local heads can collide
+    labels = np.where(live, best, -1 - np.arange(h)[None, :])
+    labels.sort(axis=1)
+    clash = np.flatnonzero((labels[:, 1:] == labels[:, :-1]).any(1)) if h > 1 else np.zeros(0, int)
+    for i in clash:
         r, c = linear_sum_assignment(sim[i], maximize=True)
         out[i] = sim[i][r, c].sum()
     return np.minimum(out / n_target, 1.0)

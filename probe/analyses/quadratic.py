@@ -240,7 +240,13 @@ def _fit_iso_one(prob: _IsoProblem, phi: np.ndarray, x0: np.ndarray) -> tuple[np
     candidates = []
     if 0.0 <= x[2] <= a_max:
         candidates.append((x, "not_converged", fun(x)[0]))
-    for face, a in (("zero", 0.0), ("alpha_capped", a_max)):
+    faces = (("zero", 0.0), ("alpha_capped", a_max))
+    if np.all(np.isfinite(x)) and kkt(x, None):
+        # x is the unconstrained maximiser of the concave LL: the segment from any point of the
+        # slab to x crosses the face on x's side, where the LL is at least as large, so the
+        # slab's maximiser lies on that face alone.
+        faces = faces[:1] if x[2] < 0.0 else faces[1:]
+    for face, a in faces:
         xf = _maximize(fun, np.array([start_b[0], start_b[1], a]), np.array([True, True, False]))
         candidates.append((xf, face if kkt(xf, face) else "not_converged", fun(xf)[0]))
     good = [c for c in candidates if c[1] != "not_converged" and np.isfinite(c[2])]
@@ -836,3 +842,36 @@ def empirical_mass_radius(mean_attn, geometry: TokenGeometry, centre=None, mass:
         idx = min(int(np.searchsorted(cum, mass * cum[-1] - 1e-12)), len(order) - 1)
         out[h] = dist[order][idx]
     return out
+
+
+def max_disk_mass(mean_attn, geometry: TokenGeometry, radius: float) -> np.ndarray:
+    """Upper bound, over every centre, of a head's attention mass within ``radius`` of it.
+
+    With the offset profile ``π(δ)`` of :func:`offset_profile`, the mass of the closed disk of
+    radius ``r`` around a real centre ``c`` is ``Σ_{‖δ − c‖ ≤ r} π(δ)``. Any such disk lies in the
+    disk of radius ``r + √2/2`` around the integer offset ``g`` nearest to ``c``, so the maximum
+    over integer ``g`` of the mass within ``r + √2/2`` bounds the mass around every ``c``
+    (including centres beyond the grid). A head whose bound is below ``mass`` has
+    :func:`empirical_mass_radius` ``> r`` for every centre: it cannot be local whatever its Δ.
+
+    Args:
+        mean_attn: ``(heads, P, P)`` renormalised patch attention.
+        geometry: token geometry.
+        radius: ``r`` in patches (``>= 0``).
+
+    Returns:
+        float64 ``(heads,)``: the bound, a fraction of each head's attention in ``[0, 1]``.
+
+    Raises:
+        ProbeError: for a negative radius or mismatched shapes.
+    """
+    from scipy.signal import convolve2d
+
+    if not radius >= 0:
+        raise ProbeError(f"radius must be >= 0 patches, got {radius}")
+    prof = offset_profile(mean_attn, geometry).numpy()
+    reach = radius + math.sqrt(0.5)
+    n = int(math.floor(reach))
+    u, v = np.meshgrid(np.arange(-n, n + 1), np.arange(-n, n + 1), indexing="ij")
+    disk = ((u * u + v * v) <= reach * reach + 1e-9).astype(np.float64)
+    return np.array([convolve2d(p, disk, mode="full").max() for p in prof])

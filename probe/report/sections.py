@@ -61,7 +61,8 @@ def convlike_section(cl: Any, meta: dict[str, Any]) -> dict[str, str]:
     shown = t[[k for k in cols if k in t.columns]].rename(columns=cols)
     seeds = meta.get("conv_null_seeds", 0)
     null_a = (f"(a) the same architecture at random initialisation, {seeds} seeds on "
-              f"{meta.get('conv_null_images', 0)} of the images, fitted the same way"
+              f"{meta.get('conv_null_images', 0)} of the images, fitted the same way (a layer where no "
+              "head can be local around any centre scores 0 without a fit)"
               if seeds else "(a) random-initialisation null not run (the analysed weights are a random "
               "initialisation themselves, or it was switched off)")
     text = (
