@@ -76,21 +76,22 @@ class ResolvedModel:
         Uses the model's own constructor (timm name or factory); for an in-memory module, a deep
         copy whose submodules' ``reset_parameters`` (and timm ``init_weights``) are re-run.
         """
-        torch.manual_seed(seed)
-        if self.rebuild is not None:
-            net = self.rebuild(seed)
-        else:
-            import copy
+        with torch.random.fork_rng(devices=[]):  # the caller's global RNG state is left alone
+            torch.manual_seed(seed)
+            if self.rebuild is not None:
+                net = self.rebuild(seed)
+            else:
+                import copy
 
-            net = copy.deepcopy(self.model)
-            for mod in net.modules():
-                if hasattr(mod, "reset_parameters"):
-                    mod.reset_parameters()
-            if hasattr(net, "init_weights"):
-                try:
-                    net.init_weights()
-                except TypeError:
-                    pass
+                net = copy.deepcopy(self.model)
+                for mod in net.modules():
+                    if hasattr(mod, "reset_parameters"):
+                        mod.reset_parameters()
+                if hasattr(net, "init_weights"):
+                    try:
+                        net.init_weights()
+                    except TypeError:
+                        pass
         return net.to(next(self.model.parameters()).device).eval()
 
 

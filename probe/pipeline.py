@@ -76,6 +76,7 @@ def analyze(
     attribution: str = "ig",
     attribution_images: int = 16,
     ig_steps: int = 16,
+    _geometries: dict | None = None,
 ) -> AnalysisResult:
     """Analyse the attention heads of ``model`` on ``images``.
 
@@ -111,6 +112,8 @@ def analyze(
             skipped with a reason in ``meta["attribution_skipped"]`` for families without gates.
         attribution_images: the first N analysed images are attributed.
         ig_steps: integration steps of integrated gradients.
+        _geometries: internal: ``{layer index: TokenGeometry}`` of an analysed model, reused
+            (instead of a dry run) for its random-init copies.
 
     Returns:
         An :class:`~probe.result.AnalysisResult` (``heads`` / ``layers`` DataFrames,
@@ -153,7 +156,10 @@ def analyze(
             "or pass a model with attention"
         )
     selected = [all_layers[i] for i in parse_layers(layers, len(all_layers), resolved.name)]
-    geometries = infer_geometries(net, selected, input_shape, prefix_tokens, grid, patch_size, resolved.name)
+    if _geometries is not None and all(l.index in _geometries for l in selected):
+        geometries = _geometries  # a random-init copy of an analysed model: same token layout
+    else:
+        geometries = infer_geometries(net, selected, input_shape, prefix_tokens, grid, patch_size, resolved.name)
     geometry = geometries[selected[0].index]
 
     reducers = {l.index: LayerReducer(l.index, geometries[l.index], n_bootstrap, seed) for l in selected}
@@ -239,7 +245,7 @@ def analyze(
             null = _random_init_scores(
                 resolved, image_set, [l.index for l in selected], cfg, null_seeds, null_images,
                 batch_size=batch_size, device=device, seed=seed, prefix_tokens=prefix_tokens,
-                grid=grid, patch_size=patch_size, data_overrides=data_overrides)
+                grid=grid, patch_size=patch_size, data_overrides=data_overrides, _geometries=geometries)
         add_conv_test(result, cfg, null)
         meta["conv_null_seeds"] = len(next(iter(null.values()), []))
         meta["conv_null_images"] = min(null_images, done) if null else 0
