@@ -243,6 +243,12 @@ def parse_layers(
     return sorted(set(out))
 
 
+class StopForward(BaseException):
+    """Raised inside a forward pass once every selected layer has delivered its attention, to
+    skip the rest of the model (see :class:`AttentionCapture`). A ``BaseException``, so a model
+    that catches ``Exception`` cannot swallow it."""
+
+
 class AttentionCapture:
     """Context manager that streams attention probabilities of selected layers to a sink.
 
@@ -250,32 +256,67 @@ class AttentionCapture:
         layers: the layers to hook (from :func:`find_attention_layers`).
         sink: ``sink(layer_index, attn)`` with ``attn`` of shape ``(batch, heads, query, key)``;
             called during each forward pass; the tensor must not be kept.
+        stop_before: optional module that runs after the deepest selected layer (e.g. the next
+            attention layer). Once :meth:`arm_early_exit` has confirmed, on a full forward pass,
+            that every selected layer delivered all its attention before this module was entered,
+            later forward passes raise :class:`StopForward` when it is about to run, so the rest
+            of the model (later blocks, head) is skipped: the attention tensors are the same.
+            Wrap the forward call in :meth:`forward`.
 
     On exit every hook is removed and every module restored, also after an exception.
     :attr:`counts` records how many tensors each layer delivered.
     """
 
-    def __init__(self, layers: list[AttentionLayer], sink: Callable[[int, torch.Tensor], None]):
+    def __init__(self, layers: list[AttentionLayer], sink: Callable[[int, torch.Tensor], None],
+                 stop_before: nn.Module | None = None):
         self.layers = layers
         self.sink = sink
         self.counts = {layer.index: 0 for layer in layers}
         self._restores: list[Restore] = []
+        self.stop_before = stop_before
+        self.armed = False
+        self._emits = 0  # tensors delivered, all layers
+        self._emits_at_stop: int | None = None  # value of _emits when stop_before was first entered
 
     def _emitter(self, index: int) -> Emit:
         def emit(attn: torch.Tensor) -> None:
             self.counts[index] += 1
+            self._emits += 1
             self.sink(index, attn.detach())
 
         return emit
+
+    def _stop_hook(self, module: nn.Module, args) -> None:
+        if self.armed:
+            raise StopForward
+        if self._emits_at_stop is None:
+            self._emits_at_stop = self._emits
 
     def __enter__(self) -> "AttentionCapture":
         try:
             for layer in self.layers:
                 self._restores.append(layer.rule.install(layer.module, self._emitter(layer.index)))
+            if self.stop_before is not None:
+                self._restores.append(self.stop_before.register_forward_pre_hook(self._stop_hook).remove)
         except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
+
+    def forward(self, model: nn.Module, batch: torch.Tensor) -> None:
+        """Run ``model(batch)`` for its attention; the output is discarded (the forward pass
+        may end early, see ``stop_before``)."""
+        try:
+            model(batch)
+        except StopForward:
+            pass
+
+    def arm_early_exit(self) -> bool:
+        """After one full forward pass: enable early exit if ``stop_before`` was entered only once
+        every selected layer had delivered all of that pass's attention (module order equals
+        execution order). Returns whether it is armed."""
+        self.armed = self.stop_before is not None and self._emits_at_stop == self._emits > 0
+        return self.armed
 
     def __exit__(self, *exc) -> None:
         while self._restores:

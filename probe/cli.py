@@ -87,6 +87,8 @@ def analyze(
     conv_test: bool = typer.Option(True, "--conv-test/--no-conv-test", help="test whether layers act like KxK convolutions"),
     null_seeds: int = typer.Option(3, "--null-seeds", help="random-init copies for the conv test's null (0: skip)"),
     null_images: int = typer.Option(4, "--null-images", help="images each random-init copy sees (the first analysed ones)"),
+    null_layers: str = typer.Option("candidates", "--null-layers",
+                                    help="layers the random-init null runs on: candidates (those it could veto) or all"),
     local_radius: float = typer.Option(2.0, "--local-radius", help="a head is local when 90% of its attention lies within this many patches of its centre"),
     kernel_size: Optional[int] = typer.Option(None, "--kernel-size", help="K of the KxK lattice (default sqrt(heads) if a square >= 4, else 3)"),
     conv_level: float = typer.Option(0.01, "--conv-level", help="family-wise significance level (Holm) of the conv test"),
@@ -126,7 +128,7 @@ def analyze(
                     fits=fits, anisotropic=anisotropic, conv_test=conv_test and fits,
                     conv_config=ConvLikeConfig(kernel_size=kernel_size, r_local=local_radius,
                                                level=conv_level, seed=seed),
-                    null_seeds=null_seeds, null_images=null_images,
+                    null_seeds=null_seeds, null_images=null_images, null_layers=null_layers,
                     attribution=attribution, attribution_images=attribution_images,
                 )
         for w in caught:

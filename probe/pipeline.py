@@ -26,7 +26,7 @@ from .errors import CaptureError, ProbeError
 from .models import ResolvedModel, resolve_model
 from .analyses.convlike import ConvLikeConfig
 from .result import AnalysisResult
-from .steps import add_conv_test, add_quadratic_fits, stats_layer_scores
+from .steps import add_conv_test, add_quadratic_fits, conv_candidates, stats_layer_scores
 from .tables import heads_frame, layers_frame
 
 Progress = Callable[[int, int], None]
@@ -73,6 +73,7 @@ def analyze(
     conv_config: ConvLikeConfig | None = None,
     null_seeds: int = 3,
     null_images: int = 4,
+    null_layers: str = "candidates",
     attribution: str = "ig",
     attribution_images: int = 16,
     ig_steps: int = 16,
@@ -107,6 +108,11 @@ def analyze(
         null_seeds: random-init copies of the architecture for the test's null (a); skipped
             when the analysed weights are themselves a random init.
         null_images: images (the first of the analysed ones) each random-init copy sees.
+        null_layers: ``"candidates"`` (default): null (a) only for the layers whose verdict is
+            conv-like without it (it can only veto that verdict, so every verdict is the same as
+            with ``"all"``, and the forward passes of the copies end at the deepest such layer);
+            ``"all"``: for every analysed layer (the report then shows random-init scores for
+            all of them).
         attribution: head attribution with captum (:mod:`probe.attribution`): ``"ig"``
             (integrated gradients over per-head gates), ``"ablation"``, ``"both"`` or ``"none"``;
             skipped with a reason in ``meta["attribution_skipped"]`` for families without gates.
@@ -124,6 +130,8 @@ def analyze(
     """
     t0 = time.perf_counter()
     dev = resolve_device(device)
+    if null_layers not in ("candidates", "all"):
+        raise ProbeError(f"unknown --null-layers {null_layers!r}; use candidates or all")
     if attribution not in ("none", "ig", "ablation", "both"):
         raise ProbeError(f"unknown --attribution {attribution!r}; use ig, ablation, both or none")
     if batch_size < 1:
@@ -167,7 +175,10 @@ def analyze(
     def sink(index: int, attn: torch.Tensor) -> None:
         reducers[index].update(attn)
 
-    capture = AttentionCapture(selected, sink)
+    # the attention layer after the deepest selected one: later blocks need not run
+    deepest = selected[-1].index
+    stop_before = all_layers[deepest + 1].module if deepest + 1 < len(all_layers) else None
+    capture = AttentionCapture(selected, sink, stop_before=stop_before)
     total = len(image_set)
     done = 0
     kept: list[torch.Tensor] = []  # images kept for the attribution (at most attribution_images)
@@ -186,11 +197,12 @@ def analyze(
                 kept_n += kept[-1].shape[0]
             if autocast is not None:
                 with autocast:
-                    net(batch)
+                    capture.forward(net, batch)
             else:
-                net(batch)
+                capture.forward(net, batch)
             if done == 0:
                 capture.check_all_captured(resolved.name)
+                capture.arm_early_exit()
             done += batch.shape[0]
             names.extend(batch_names)
             if progress is not None:
@@ -229,6 +241,8 @@ def analyze(
         "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_cfg.items()},
         "device": str(dev) + (" (bf16 autocast)" if autocast is not None else ""),
         "batch_size": batch_size,
+        # the forward pass ended at the deepest selected layer (after the first batch)
+        "early_exit": bool(capture.armed),
         "seed": seed,
         "n_bootstrap": n_bootstrap,
         "versions": _versions(),
@@ -241,12 +255,23 @@ def analyze(
     if conv_test:
         cfg = conv_config or ConvLikeConfig(seed=seed)
         null = {}
+        null_for: list[int] = []
         if null_seeds > 0 and not resolved.weights.startswith("random init"):
+            if null_layers == "all":
+                null_for = [l.index for l in selected]
+            else:  # null (a) can only veto: run it where the verdict is conv-like without it
+                null_for = conv_candidates(result, cfg)
+        if null_for:
             null = _random_init_scores(
-                resolved, image_set, [l.index for l in selected], cfg, null_seeds, null_images,
+                resolved, image_set, null_for, cfg, null_seeds, null_images,
                 batch_size=batch_size, device=device, seed=seed, prefix_tokens=prefix_tokens,
                 grid=grid, patch_size=patch_size, data_overrides=data_overrides, _geometries=geometries)
         add_conv_test(result, cfg, null)
+        meta["conv_null_layers_rule"] = null_layers
+        meta["conv_null_status"] = (
+            "off" if null_seeds <= 0 else "random weights" if resolved.weights.startswith("random init")
+            else "run" if null else "not needed")
+        meta["conv_null_layers"] = sorted(null)
         meta["conv_null_seeds"] = len(next(iter(null.values()), []))
         meta["conv_null_images"] = min(null_images, done) if null else 0
     if attribution != "none":

@@ -99,6 +99,17 @@ def stats_layer_scores(stats, config: ConvLikeConfig) -> dict[int, float]:
     return out
 
 
+def conv_candidates(result: AnalysisResult, config: ConvLikeConfig) -> list[int]:
+    """Layers whose conv-likeness verdict is ``conv-like`` before the random-init null (a).
+
+    Null (a) only adds the requirement that the layer's score exceed every random-init score, so
+    it can change no other verdict: these are the only layers it needs to be computed for.
+    Needs :func:`add_quadratic_fits` first.
+    """
+    trial = convlike_test(layer_fits(result.heads), config=config)
+    return trial.conv_like_layers
+
+
 def add_conv_test(result: AnalysisResult, config: ConvLikeConfig,
                   random_init_scores: dict[int, list[float]] | None = None) -> None:
     """Test per layer whether the heads act like a K x K convolution (Cordonnier et al. 2020,

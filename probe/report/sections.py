@@ -60,11 +60,20 @@ def convlike_section(cl: Any, meta: dict[str, Any]) -> dict[str, str]:
     }
     shown = t[[k for k in cols if k in t.columns]].rename(columns=cols)
     seeds = meta.get("conv_null_seeds", 0)
-    null_a = (f"(a) the same architecture at random initialisation, {seeds} seeds on "
-              f"{meta.get('conv_null_images', 0)} of the images, fitted the same way (a layer where no "
-              "head can be local around any centre scores 0 without a fit)"
-              if seeds else "(a) random-initialisation null not run (the analysed weights are a random "
-              "initialisation themselves, or it was switched off)")
+    on = meta.get("conv_null_layers") or []
+    where = (f"layers {', '.join(str(l) for l in on)}, the ones conv-like without it (it can only veto "
+             "that verdict; --null-layers all runs it everywhere)"
+             if meta.get("conv_null_layers_rule") == "candidates" else "every analysed layer")
+    if seeds:
+        null_a = (f"(a) the same architecture at random initialisation, {seeds} seeds on "
+                  f"{meta.get('conv_null_images', 0)} of the images, fitted the same way, on {where} (a "
+                  "layer where no head can be local around any centre scores 0 without a fit)")
+    elif meta.get("conv_null_status") == "not needed":
+        null_a = ("(a) the random-initialisation null was not needed: no layer is conv-like without it, "
+                  "and it can only veto that verdict (--null-layers all runs it everywhere)")
+    else:
+        null_a = ("(a) random-initialisation null not run (the analysed weights are a random "
+                  "initialisation themselves, or it was switched off)")
     text = (
         "<p><b>Claim</b> (Cordonnier, Loukas &amp; Jaggi 2020, Theorem 1 and Fig. 4): in early layers the "
         "heads jointly act like a K×K convolution — each head local and centred on a distinct offset "
