@@ -409,6 +409,23 @@ def ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
+def best_ratios(rows: list[dict]) -> list[dict]:
+    """c/a, c/b, c/d, s/b, s/d from each workload's fastest repeat instead of its median.
+
+    Another tenant of a shared host can only slow a repeat down, so the fastest repeat is the
+    least disturbed one; these ratios complement the medians (the targets are checked on those).
+    """
+    out = []
+    for model, bs in sorted({(r["model"], r["batch_size"]) for r in rows}):
+        sel = {r["variant"]: r for r in rows if r["model"] == model and r["batch_size"] == bs}
+        row: dict[str, Any] = {"model": model, "batch_size": bs}
+        for num, den in (("c", "a"), ("c", "b"), ("c", "d"), ("s", "b"), ("s", "d")):
+            if num in sel and den in sel and sel[num].get("min_s"):
+                row[f"{num}/{den}"] = round(sel[den]["min_s"] / sel[num]["min_s"], 3)
+        out.append(row)
+    return out
+
+
 def agreement(rows: list[dict]) -> list[dict]:
     """Largest |c - d| of the per-head statistics both compute (same images): a correctness check."""
     out = []
@@ -543,6 +560,13 @@ def write_markdown(res: dict, path: Path) -> None:
         L.append(f"| {r['model']} | {r['batch_size']} | {_fmt(r.get('c/a'))} | {_fmt(r.get('c/b'))} | "
                  f"{_fmt(r.get('c/d'))} | {_fmt(r.get('s/a'))} | {_fmt(r.get('s/b'))} | {_fmt(r.get('s/d'))} | "
                  f"{_fmt(r.get('fixed_s'))} | {_fmt(proj)} | {_fmt(r.get('break_even_images'))} |")
+    if res.get("best_ratios"):
+        L += ["", "The same ratios from each workload's fastest repeat (other tenants of a shared host can "
+              "only slow a repeat down; the targets below are checked on the medians):", "",
+              "| model | batch | c/a | c/b | c/d | s/b | s/d |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in res["best_ratios"]:
+            L.append(f"| {r['model']} | {r['batch_size']} | {_fmt(r.get('c/a'))} | {_fmt(r.get('c/b'))} | "
+                     f"{_fmt(r.get('c/d'))} | {_fmt(r.get('s/b'))} | {_fmt(r.get('s/d'))} |")
     if any("s/s0" in r for r in res["ratios"]):
         L += ["", "Before / after the hot-path work, in this run (s0 = streaming analysis with the reducer "
               f"of commit {res['config'].get('before_ref')}, s = now; interleaved, same images):", "",
@@ -733,6 +757,7 @@ def main(argv=None) -> int:
             res["memory_curve"].extend(measure_memory(model, curve, mem_names, args, pool, model_shape(model)))
     res["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     res["ratios"] = ratios(res["throughput"])
+    res["best_ratios"] = best_ratios(res["throughput"])
     res["agreement"] = agreement(res["throughput"])
     res["memory_summary"] = memory_summary(res["memory_curve"])
     res["memory_ratios"] = memory_ratios(res["memory_curve"])

@@ -63,6 +63,17 @@ def test_ratios_fixed_cost_and_break_even():
     assert r["c_over_b_at_n"]["1024"] == pytest.approx(1024 * 0.02 / (2 + 1024 * 0.022), abs=1e-3)
 
 
+def test_best_ratios_use_the_fastest_repeat():
+    run = _load("run")
+    rows = [
+        {"model": "m", "batch_size": 8, "variant": v, "num_images": 100, "min_s": t, "median_s": 2 * t}
+        for v, t in (("a", 1.0), ("b", 2.0), ("s", 2.5), ("c", 4.0), ("d", 8.0))
+    ]
+    (r,) = run.best_ratios(rows)
+    assert r["c/a"] == pytest.approx(0.25) and r["c/b"] == pytest.approx(0.5)
+    assert r["c/d"] == pytest.approx(2.0) and r["s/b"] == pytest.approx(0.8) and r["s/d"] == pytest.approx(3.2)
+
+
 def test_memory_summary_and_flatness_target():
     run = _load("run")
     rows = [{"model": "m", "variant": v, "num_images": n, "peak_rss_mb": mb, "images_per_s": 1.0}
