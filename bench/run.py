@@ -710,6 +710,10 @@ def main(argv=None) -> int:
                  + "; decoded and transformed once per model before timing (decoding is not timed)")
     notes.append("DeiT-Tiny uses the shared ImageNet weights when present, other models random weights "
                  "(timing does not depend on the weights)")
+    malloc_env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    if malloc_env:
+        notes.append("glibc allocation policy of every worker set by the environment: "
+                     + ", ".join(f"`{k}={v}`" for k, v in sorted(malloc_env.items())))
     if args.device == "cpu":
         notes.append("GPU: not measured in this run (--device cpu); run with --device cuda [--amp] on a GPU")
     res: dict[str, Any] = {
