@@ -61,7 +61,8 @@ def convlike_section(cl: Any, meta: dict[str, Any]) -> dict[str, str]:
     shown = t[[k for k in cols if k in t.columns]].rename(columns=cols)
     seeds = meta.get("conv_null_seeds", 0)
     on = meta.get("conv_null_layers") or []
-    where = (f"layers {', '.join(str(l) for l in on)}, the ones conv-like without it (it can only veto "
+    where = (f"layer{'s' if len(on) != 1 else ''} {', '.join(str(l) for l in on)}, the ones conv-like "
+             "without it (it can only veto "
              "that verdict; --null-layers all runs it everywhere)"
              if meta.get("conv_null_layers_rule") == "candidates" else "every analysed layer")
     if seeds:
