@@ -26,7 +26,7 @@ from .errors import CaptureError, ProbeError
 from .models import ResolvedModel, resolve_model
 from .analyses.convlike import ConvLikeConfig
 from .result import AnalysisResult
-from .steps import add_conv_test, add_quadratic_fits, conv_candidates, stats_layer_scores
+from .steps import add_conv_test, add_quadratic_fits, stats_layer_scores, trial_conv_test
 from .tables import heads_frame, layers_frame
 
 Progress = Callable[[int, int], None]
@@ -254,22 +254,24 @@ def analyze(
         add_quadratic_fits(result, anisotropic=anisotropic)
     if conv_test:
         cfg = conv_config or ConvLikeConfig(seed=seed)
+        trial = trial_conv_test(result, cfg)
         null = {}
         null_for: list[int] = []
-        if null_seeds > 0 and not resolved.weights.startswith("random init"):
+        random_weights = resolved.weights.startswith("random init")
+        if null_seeds > 0 and not random_weights:
             if null_layers == "all":
                 null_for = [l.index for l in selected]
             else:  # null (a) can only veto: run it where the verdict is conv-like without it
-                null_for = conv_candidates(result, cfg)
+                null_for = trial.conv_like_layers
         if null_for:
             null = _random_init_scores(
                 resolved, image_set, null_for, cfg, null_seeds, null_images,
                 batch_size=batch_size, device=device, seed=seed, prefix_tokens=prefix_tokens,
                 grid=grid, patch_size=patch_size, data_overrides=data_overrides, _geometries=geometries)
-        add_conv_test(result, cfg, null)
+        add_conv_test(result, cfg, null, trial=trial)
         meta["conv_null_layers_rule"] = null_layers
         meta["conv_null_status"] = (
-            "off" if null_seeds <= 0 else "random weights" if resolved.weights.startswith("random init")
+            "off" if null_seeds <= 0 else "random weights" if random_weights
             else "run" if null else "not needed")
         meta["conv_null_layers"] = sorted(null)
         meta["conv_null_seeds"] = len(next(iter(null.values()), []))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .analyses.convlike import ConvLikeConfig, LayerFit, convlike_score, convlike_test
+from .analyses.convlike import ConvLikeConfig, ConvLikeResult, LayerFit, convlike_score, convlike_test
 from .analyses.quadratic import empirical_mass_radius, fit_layer_stats, max_disk_mass
 from .result import AnalysisResult
 
@@ -57,13 +57,16 @@ def layer_fits(heads: pd.DataFrame) -> dict[int, LayerFit]:
     return out
 
 
+def _score(delta: np.ndarray, r90: np.ndarray, config: ConvLikeConfig) -> float:
+    """Score of one layer; a head without a finite centre is placed at the query."""
+    delta = np.where(np.isfinite(delta), delta, 0.0)
+    return convlike_score(delta, r90=r90, kernel_size=config.kernel_size, r_local=config.r_local,
+                          mass=config.mass, tolerance=config.tolerance)
+
+
 def layer_scores(heads: pd.DataFrame, config: ConvLikeConfig) -> dict[int, float]:
     """:func:`~probe.analyses.convlike.convlike_score` of every layer of a heads table."""
-    return {
-        layer: convlike_score(f.delta, r90=f.r90, kernel_size=config.kernel_size,
-                              r_local=config.r_local, mass=config.mass, tolerance=config.tolerance)
-        for layer, f in layer_fits(heads).items()
-    }
+    return {layer: _score(f.delta, f.r90, config) for layer, f in layer_fits(heads).items()}
 
 
 def stats_layer_scores(stats, config: ConvLikeConfig) -> dict[int, float]:
@@ -92,34 +95,37 @@ def stats_layer_scores(stats, config: ConvLikeConfig) -> dict[int, float]:
             continue
         fit = fit_layer_stats(st, bootstrap=False)
         r90 = empirical_mass_radius(mean_attn, st.geometry, fit.delta, R90_MASS)
-        delta = np.where(np.isfinite(fit.delta), fit.delta, 0.0)
-        out[int(layer)] = convlike_score(delta, r90=r90, kernel_size=config.kernel_size,
-                                         r_local=config.r_local, mass=config.mass,
-                                         tolerance=config.tolerance)
+        out[int(layer)] = _score(fit.delta, r90, config)
     return out
 
 
-def conv_candidates(result: AnalysisResult, config: ConvLikeConfig) -> list[int]:
-    """Layers whose conv-likeness verdict is ``conv-like`` before the random-init null (a).
+def trial_conv_test(result: AnalysisResult, config: ConvLikeConfig) -> ConvLikeResult:
+    """The conv-likeness test of the layers of ``result`` without the random-init null (a).
 
-    Null (a) only adds the requirement that the layer's score exceed every random-init score, so
-    it can change no other verdict: these are the only layers it needs to be computed for.
-    Needs :func:`add_quadratic_fits` first.
+    Null (a) only adds the requirement that a layer's score exceed every random-init score, so
+    the layers of ``conv_like_layers`` here are the only ones whose verdict it can change. Pass
+    the result to :func:`add_conv_test` with the null (a) scores. Needs
+    :func:`add_quadratic_fits` first.
     """
-    trial = convlike_test(layer_fits(result.heads), config=config)
-    return trial.conv_like_layers
+    return convlike_test(layer_fits(result.heads), config=config)
 
 
 def add_conv_test(result: AnalysisResult, config: ConvLikeConfig,
-                  random_init_scores: dict[int, list[float]] | None = None) -> None:
+                  random_init_scores: dict[int, list[float]] | None = None,
+                  trial: ConvLikeResult | None = None) -> None:
     """Test per layer whether the heads act like a K x K convolution (Cordonnier et al. 2020,
     Theorem 1) against the lattice-free null and, when given, the random-init null.
 
     Needs :func:`add_quadratic_fits` first. Adds the per-head ``conv_*`` columns to
     ``result.heads``, the per-layer ``conv_*`` columns to ``result.layers`` and
     ``result.extras["convlike"]`` (a :class:`~probe.analyses.convlike.ConvLikeResult`).
+    ``trial``, the :func:`trial_conv_test` of the same result and config, is completed with the
+    random-init scores instead of running the test (and its null draws) again.
     """
-    cl = convlike_test(layer_fits(result.heads), random_init=random_init_scores or None, config=config)
+    if trial is None:
+        cl = convlike_test(layer_fits(result.heads), random_init=random_init_scores or None, config=config)
+    else:
+        cl = trial.with_random_init(random_init_scores or None)
     result.heads = result.heads.merge(cl.heads.drop(columns=["conv_radius"], errors="ignore"),
                                       on=["layer", "head"], how="left")
     result.layers = result.layers.merge(cl.layers, on="layer", how="left")

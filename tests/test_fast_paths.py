@@ -114,3 +114,35 @@ def test_stats_layer_scores_equal_fitting_every_head():
     assert seen_fitted and seen_skipped  # both branches were exercised
     assert stats_layer_scores(analyze(planted, images, n_bootstrap=0, fits=False, conv_test=False,
                                       attribution="none").stats, cfg)[0] > 0.5
+
+
+def test_with_random_init_equals_running_the_test_with_it():
+    """Applying null (a) to a finished test redoes only its columns and the verdicts: the same
+    tables as running the whole test with it, without drawing null (b) again."""
+    import pandas as pd
+
+    from probe.analyses.convlike import LayerFit, convlike_test
+
+    rng = np.random.default_rng(3)
+    lattice = kernel_lattice(3)
+    fits = {}
+    for layer in range(4):
+        delta = lattice[rng.permutation(9)[:6]] + rng.normal(0, 0.05, (6, 2))
+        r90 = np.where(np.arange(6) < 6 - layer, 1.0, 5.0)  # fewer local heads with depth
+        fits[layer] = LayerFit(delta, r90=r90)
+    cfg = ConvLikeConfig(n_null=499)
+    plain = convlike_test(fits, config=cfg)
+    assert plain.conv_like_layers  # some layer is a candidate for null (a) to veto
+    for ri in ({0: [0.1, 0.2, 0.15], 1: [0.99, 1.0, 0.98]}, {l: [0.0, 0.1] for l in fits}, None):
+        whole = convlike_test(fits, random_init=ri, config=cfg)
+        applied = plain.with_random_init(ri)
+        pd.testing.assert_frame_equal(applied.layers, whole.layers)
+        pd.testing.assert_frame_equal(applied.heads, whole.heads)
+        assert applied.deepest_conv_layer == whole.deepest_conv_layer
+        assert applied.random_init_scores.keys() == whole.random_init_scores.keys()
+    # layer 1 is vetoed by a random-init score above its own
+    vetoed = plain.with_random_init({1: [1.0, 1.0]}).layers.set_index("layer")
+    if plain.layers.set_index("layer").loc[1, "conv_verdict"] == "conv-like":
+        assert vetoed.loc[1, "conv_verdict"] == "local but not grid"
+    with pytest.raises(ProbeError, match="not analysed"):
+        plain.with_random_init({9: [0.0]})

@@ -604,6 +604,23 @@ class ConvLikeResult:
             f"{c.r_local} patches."
         )
 
+    def with_random_init(
+        self, random_init: Mapping[int, Sequence[float]] | Sequence[Sequence[float]] | None
+    ) -> "ConvLikeResult":
+        """This test with null (a) applied: the random-init columns and the verdicts redone.
+
+        Nothing else depends on null (a), so the lattice-free null (b), the p-values and the
+        scores are kept (not drawn again); the result equals
+        ``convlike_test(fits, random_init=random_init, config=self.config)``.
+
+        Raises:
+            ProbeError: as :func:`convlike_test` for ``random_init``.
+        """
+        layers = [int(v) for v in self.layers["layer"]]
+        ri = _random_init_arrays(random_init, layers)
+        return _conclude(self.layers.drop(columns=_RANDOM_INIT_COLUMNS + ["conv_verdict"]),
+                         self.heads, self.null_scores, ri, self.config)
+
     def to_dict(self) -> dict:
         """JSON-ready summary: config, deepest layer, per-layer rows."""
         return {
@@ -644,19 +661,7 @@ def convlike_test(
     for k, v in fits.items():
         if not isinstance(v, LayerFit):
             raise ProbeError(f"layer {k}: expected a LayerFit, got {type(v).__name__}")
-    if random_init is None:
-        ri: dict[int, np.ndarray] = {}
-    elif isinstance(random_init, Mapping):
-        ri = {int(k): np.asarray(v, dtype=np.float64).reshape(-1) for k, v in random_init.items()}
-    else:
-        if len(random_init) != len(fits):
-            raise ProbeError(
-                f"random_init has {len(random_init)} layers, the model has {len(fits)}"
-            )
-        ri = {k: np.asarray(v, dtype=np.float64).reshape(-1) for k, v in zip(fits, random_init)}
-    unknown = sorted(set(ri) - set(fits))
-    if unknown:
-        raise ProbeError(f"random_init names layers {unknown} that were not analysed")
+    ri = _random_init_arrays(random_init, list(fits))
 
     rng = np.random.default_rng(config.seed)
     model_pool = np.concatenate([f.radius(config.mass) for f in fits.values()])
@@ -675,8 +680,6 @@ def convlike_test(
         p = (1 + np.count_nonzero(null >= match.score - 1e-12)) / (null.size + 1)
         reps = _score_uncertainty(fit, k, config, rng)
         sd = float(null.std(ddof=1)) if null.size > 1 else float("nan")
-        r = ri.get(layer, np.zeros(0))
-        r_sd = float(r.std(ddof=1)) if r.size > 1 else float("nan")
         rows.append(
             dict(
                 layer=layer,
@@ -696,11 +699,6 @@ def convlike_test(
                 conv_null_q95=float(np.quantile(null, 0.95)),
                 conv_effect_size=(match.score - null.mean()) / sd if sd > 0 else float("nan"),
                 conv_p_value=p,
-                conv_random_init_mean=float(r.mean()) if r.size else float("nan"),
-                conv_random_init_max=float(r.max()) if r.size else float("nan"),
-                conv_random_init_effect=(
-                    (match.score - r.mean()) / r_sd if r.size > 1 and r_sd > 0 else float("nan")
-                ),
             )
         )
         assigned = {int(hd): (pt, dd) for hd, pt, dd in
@@ -719,7 +717,47 @@ def convlike_test(
                 )
             )
     table = pd.DataFrame(rows)
-    table["conv_p_holm"] = holm(table["conv_p_value"].to_numpy())
+    return _conclude(table, pd.DataFrame(head_rows), nulls, ri, config)
+
+
+#: Per-layer columns of null (a), placed after ``conv_p_value``.
+_RANDOM_INIT_COLUMNS = ["conv_random_init_mean", "conv_random_init_max", "conv_random_init_effect"]
+
+
+def _random_init_arrays(random_init, layers: list[int]) -> dict[int, np.ndarray]:
+    """Null (a) as ``{layer: (seeds,) float64}``, checked against the analysed ``layers``."""
+    if random_init is None:
+        ri: dict[int, np.ndarray] = {}
+    elif isinstance(random_init, Mapping):
+        ri = {int(k): np.asarray(v, dtype=np.float64).reshape(-1) for k, v in random_init.items()}
+    else:
+        if len(random_init) != len(layers):
+            raise ProbeError(
+                f"random_init has {len(random_init)} layers, the model has {len(layers)}"
+            )
+        ri = {k: np.asarray(v, dtype=np.float64).reshape(-1) for k, v in zip(layers, random_init)}
+    unknown = sorted(set(ri) - set(layers))
+    if unknown:
+        raise ProbeError(f"random_init names layers {unknown} that were not analysed")
+    return ri
+
+
+def _conclude(table, heads, nulls: dict, ri: dict[int, np.ndarray], config: ConvLikeConfig) -> ConvLikeResult:
+    """Add the Holm p-values (if absent), null (a)'s columns and the verdicts to the per-layer
+    ``table`` (sorted by layer) and build the :class:`ConvLikeResult`."""
+    table = table.copy()
+    if "conv_p_holm" not in table.columns:
+        table["conv_p_holm"] = holm(table["conv_p_value"].to_numpy())
+    mean, top, effect = [], [], []
+    for layer, score in zip(table["layer"], table["conv_score"]):
+        r = ri.get(int(layer), np.zeros(0))
+        r_sd = float(r.std(ddof=1)) if r.size > 1 else float("nan")
+        mean.append(float(r.mean()) if r.size else float("nan"))
+        top.append(float(r.max()) if r.size else float("nan"))
+        effect.append((score - r.mean()) / r_sd if r.size > 1 and r_sd > 0 else float("nan"))
+    at = table.columns.get_loc("conv_p_value") + 1
+    for name, values in reversed(list(zip(_RANDOM_INIT_COLUMNS, (mean, top, effect)))):
+        table.insert(at, name, values)
     verdicts = []
     for row in table.itertuples():
         if row.conv_n_local < max(1, math.ceil(config.min_local_fraction * row.conv_num_heads)):
@@ -736,7 +774,7 @@ def convlike_test(
         deepest = int(row.layer)
     return ConvLikeResult(
         layers=table,
-        heads=pd.DataFrame(head_rows),
+        heads=heads,
         deepest_conv_layer=deepest,
         null_scores=nulls,
         random_init_scores=ri,
