@@ -65,7 +65,7 @@ def _safe_name(name: str) -> str:
 
 @app.command()
 def analyze(
-    model: str = typer.Option(..., "--model", "-m", help="timm name or alias (vit_small, deit_tiny, ...), package.module:factory, or hf:FOLDER / hf:ORG/NAME (Hugging Face)"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="default: probe's embedded attention-only CIFAR-10 model (Cordonnier et al. 2020; no download); or a timm name or alias (vit_small, deit_tiny, ...), package.module:factory, or hf:FOLDER / hf:ORG/NAME (Hugging Face)"),
     weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="local checkpoint: .safetensors, or .pth/.pt read with weights_only=True"),
     random_init: bool = typer.Option(False, "--random-init", help="analyse untrained weights (explicit opt-in)"),
     images: Optional[str] = typer.Option(None, "--images", "-i", help="folder, file or glob; default: scikit-learn's two sample photos"),
@@ -110,7 +110,7 @@ def analyze(
             vals = _parse_floats(text, channels, f"--{key}")
             if vals is not None:
                 overrides[key] = vals
-        out_dir = out or Path("reports") / f"{_safe_name(model)}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out_dir = out or Path("reports") / f"{_safe_name(model or 'cordonnier')}-{time.strftime('%Y%m%d-%H%M%S')}"
         with Progress(TextColumn("[bold]images"), BarColumn(), MofNCompleteColumn(),
                       TimeRemainingColumn(), console=console, transient=False) as bar:
             task = bar.add_task("images", total=None)
@@ -161,6 +161,57 @@ def _summary(result) -> None:
         Console().print(f"attribution ({m}) — {c.summary()}")
     if "attribution_skipped" in result.meta:
         console.print(f"[yellow]attribution skipped:[/] {result.meta['attribution_skipped']}")
+
+
+@app.command()
+def train(
+    train_dir: Path = typer.Option(Path("../shared/data/cifar10-train"), "--train", help="training images: ROOT/<class>/<image>"),
+    test_dir: Optional[Path] = typer.Option(Path("../shared/data/cifar10-test"), "--test", help="test images for the final accuracy and the tracker's probe batch"),
+    out: Path = typer.Option(Path("runs/quadratic"), "--out", "-o", help="run folder (checkpoints, snapshots, logs, model.safetensors); an existing run there resumes"),
+    attention: str = typer.Option("quadratic", "--attention", help="quadratic, generalized or relative (Cordonnier et al. 2020)"),
+    dim: int = typer.Option(72, "--dim", help="width (paper: 400)"),
+    depth: int = typer.Option(6, "--depth"),
+    heads: int = typer.Option(9, "--heads"),
+    mlp_dim: int = typer.Option(144, "--mlp-dim"),
+    epochs: float = typer.Option(18.0, "--epochs"),
+    batch_size: int = typer.Option(100, "--batch-size"),
+    lr: float = typer.Option(0.1, "--lr"),
+    position_lr_mult: float = typer.Option(20.0, "--position-lr-mult", help="learning-rate factor of Δ and α"),
+    position_schedule: str = typer.Option("constant", "--position-schedule", help="constant (after warm-up) or cosine"),
+    seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads"),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="stop (with a checkpoint) after this wall time; run again to resume"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="stop (with a checkpoint) at this step"),
+    track_every: int = typer.Option(250, "--track-every", help="probe.track record every N steps (0: off)"),
+    limit_train: Optional[int] = typer.Option(None, "--limit-train", help="use only the first N training images (smoke tests)"),
+) -> None:
+    """Train probe's attention-only CIFAR-10 model (Cordonnier et al. 2020 recipe), resumable."""
+    from rich.progress import TimeElapsedColumn
+    from .cordonnier.train import TrainConfig, train as run_train
+
+    cfg = TrainConfig(train=str(train_dir), test=str(test_dir) if test_dir else None, out=str(out),
+                      attention=attention, dim=dim, depth=depth, num_heads=heads, mlp_dim=mlp_dim,
+                      epochs=epochs, batch_size=batch_size, lr=lr, position_lr_mult=position_lr_mult,
+                      position_schedule=position_schedule, seed=seed, threads=threads,
+                      max_minutes=max_minutes, max_steps=max_steps, track_every=track_every,
+                      limit_train=limit_train)
+    try:
+        with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                      TimeElapsedColumn(), TimeRemainingColumn(), console=console) as bar:
+            task = bar.add_task("train", total=None, info="")
+
+            def progress(step: int, total: int, row: dict) -> None:
+                bar.update(task, completed=step, total=total,
+                           info=f"epoch {row['epoch']:.2f} loss {row['train_loss']:.3f} acc {row['train_acc']:.3f}")
+
+            summary = run_train(cfg, progress)
+    except ProbeError as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    acc = summary.get("test_accuracy")
+    state = "finished" if summary["finished"] else "stopped (run the same command to resume)"
+    console.print(f"{state} at step {summary['steps']}/{summary['total_steps']}, {summary['wall_s']:.0f} s"
+                  + (f", test accuracy {acc:.4f}" if acc is not None else "") + f"\nrun folder: {out}")
 
 
 if __name__ == "__main__":  # pragma: no cover

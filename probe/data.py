@@ -117,30 +117,54 @@ def _expand(source: str | Path) -> list[Path]:
     return hits
 
 
-def default_images() -> ImageSet:
-    """The scikit-learn sample photos, as an :class:`ImageSet` of two in-memory images."""
+def default_images(input_side: int | None = None, num_views: int = 64, seed: int = 0) -> ImageSet:
+    """The embedded default images (no download): scikit-learn's two sample photos.
+
+    Args:
+        input_side: the model's input side in pixels. For small-input models (``<= 64`` px,
+            e.g. CIFAR-10 models at 32x32) two photos squeezed to 32x32 pixels would be two
+            thumbnails, so ``num_views`` square views are cut from them instead: a seeded random
+            side of 48-160 px (a region of roughly object scale in the 427x640 photos) at a random
+            position, alternating between the photos; the model's eval transform then resizes each
+            view to its input. ``None`` or larger inputs: the two whole photos.
+        num_views: views cut for small-input models.
+        seed: seed of the views' positions and sizes.
+
+    Returns:
+        an :class:`ImageSet` of in-memory images; views are named
+        ``china.jpg@ROW,COL+SIDE`` (top-left corner and side in pixels of the photo).
+    """
     from sklearn.datasets import load_sample_images
 
     data = load_sample_images()
+    photos = [(Path(f).name, Image.fromarray(a)) for f, a in zip(data.filenames, data.images)]
+    if input_side is None or input_side > 64:
+        return ImageSet(photos, DEFAULT_IMAGES)
+    rng = random.Random(seed)
     items = []
-    for fname, arr in zip(data.filenames, data.images):
-        items.append((Path(fname).name, Image.fromarray(arr)))
-    return ImageSet(items, DEFAULT_IMAGES)
+    for i in range(num_views):
+        name, im = photos[i % len(photos)]
+        side = rng.randint(48, 160)
+        r, c = rng.randint(0, im.height - side), rng.randint(0, im.width - side)
+        items.append((f"{name}@{r},{c}+{side}", im.crop((c, r, c + side, r + side))))
+    return ImageSet(items, f"{num_views} square views (48-160 px, seed {seed}) cut from the {DEFAULT_IMAGES}")
 
 
 def collect_images(
     images: str | Path | Sequence[str | Path] | None,
     num_images: int | None = None,
     seed: int = 0,
+    input_side: int | None = None,
 ) -> ImageSet:
     """Resolve ``images`` to an :class:`ImageSet`.
 
     Args:
         images: a folder (searched recursively), a file, a glob, a list of those, a list of
-            ``PIL.Image``, or ``None`` for the embedded default photos.
+            ``PIL.Image``, or ``None`` for the embedded default photos (:func:`default_images`).
         num_images: keep at most this many; when fewer than available, a seeded random subset
             (in sorted order) is taken so that a subset is not one class of a sorted folder.
         seed: seed of that subset.
+        input_side: the model's input side (pixels), which picks the default images.
 
     Raises:
         ProbeError: for ``num_images < 1``, a missing path, or no image files.
@@ -148,7 +172,7 @@ def collect_images(
     if num_images is not None and num_images < 1:
         raise ProbeError(f"--num-images must be at least 1, got {num_images}")
     if images is None:
-        found = default_images()
+        found = default_images(input_side, seed=seed)
     elif isinstance(images, (list, tuple)) and images and isinstance(images[0], Image.Image):
         found = ImageSet([(f"image_{i}", im) for i, im in enumerate(images)], f"{len(images)} in-memory images")
     else:

@@ -283,7 +283,7 @@ def _import_factory(spec: str) -> Callable[..., nn.Module]:
 
 
 def resolve_model(
-    model: str | nn.Module,
+    model: str | nn.Module | None,
     weights: str | Path | None = None,
     random_init: bool = False,
     seed: int = 0,
@@ -291,7 +291,8 @@ def resolve_model(
     """Build or wrap a model and load its weights.
 
     Args:
-        model: a timm name or alias, ``package.module:factory``, an ``nn.Module``, or a Hugging
+        model: ``None`` or ``"cordonnier"``: the embedded trained model (:mod:`probe.cordonnier`,
+            no download); a timm name or alias, ``package.module:factory``, an ``nn.Module``, or a Hugging
             Face model: ``hf:FOLDER`` / ``hf:ORG/NAME`` (see :mod:`probe.families.hf`).
         weights: a local checkpoint file (see :func:`load_state_dict`).
         random_init: analyse random weights; must be explicit, never a silent fallback.
@@ -306,6 +307,13 @@ def resolve_model(
     """
     if weights is not None and random_init:
         raise ProbeError("--weights and --random-init exclude each other; pass one")
+    from . import cordonnier
+
+    if model is None or (isinstance(model, str) and model in cordonnier.DEFAULT_ALIASES):
+        if weights is not None:
+            raise ProbeError("the embedded model comes with its weights; pass --model "
+                             "probe.cordonnier:build --weights FILE for other weights of its architecture")
+        return cordonnier.resolve_default(random_init=random_init, seed=seed)
     from .families import hf
 
     if hf.handles(model):  # hf:FOLDER, hf:ORG/NAME, a transformers folder or model

@@ -50,7 +50,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def analyze(
-    model: str | nn.Module | ResolvedModel,
+    model: str | nn.Module | ResolvedModel | None = None,
     images: str | Path | Sequence[Any] | ImageSet | TensorImages | torch.Tensor | None = None,
     *,
     layers: str | Sequence[int] | None = "all",
@@ -82,7 +82,8 @@ def analyze(
     """Analyse the attention heads of ``model`` on ``images``.
 
     Args:
-        model: timm name or alias, ``package.module:factory``, an ``nn.Module`` or a
+        model: ``None`` (default) for the embedded trained model of :mod:`probe.cordonnier`
+            (no download), a timm name or alias, ``package.module:factory``, an ``nn.Module`` or a
             :class:`~probe.models.ResolvedModel`.
         images: folder / file / glob / list of paths or PIL images; ``None`` uses the embedded
             scikit-learn sample photos; or images already transformed to model input: a float
@@ -144,11 +145,10 @@ def analyze(
         image_set: ImageSet | TensorImages = TensorImages(images[:num_images] if num_images else images)
     elif isinstance(images, (ImageSet, TensorImages)):
         image_set = images
-    else:
-        image_set = collect_images(images, num_images, seed)
-
     transform, data_cfg = eval_transform(net, data_overrides)
     input_shape = tuple(int(v) for v in data_cfg["input_size"])
+    if not isinstance(images, (torch.Tensor, ImageSet, TensorImages)):
+        image_set = collect_images(images, num_images, seed, input_side=min(input_shape[1:]))
     mode = "L" if input_shape[0] == 1 else "RGB"
     if isinstance(image_set, TensorImages) and image_set.image_shape != input_shape:
         raise ProbeError(

@@ -3,6 +3,7 @@ module per family.
 
 Importing this package (done by :mod:`probe`) registers every family's capture rules:
 
+* :mod:`.cordonnier` — the attention-only models of :mod:`probe.cordonnier` (Cordonnier et al. 2020);
 * :mod:`.hf` — Hugging Face ``transformers`` ViT/DeiT/DINOv2 (imports ``transformers`` only inside
   its functions, so importing it is cheap and safe when that optional extra is not installed);
 * :mod:`.timm_extra` — ConViT's gated positional attention (no class token in the local layers),
@@ -17,6 +18,6 @@ Importing this package (done by :mod:`probe`) registers every family's capture r
 How to add a rule for a new attention module: :mod:`probe.capture` and ``docs/capture.md``.
 """
 
-from . import functional, hf, timm_extra, torch_nn  # noqa: F401
+from . import cordonnier, functional, hf, timm_extra, torch_nn  # noqa: F401
 
-__all__ = ["functional", "hf", "timm_extra", "torch_nn"]
+__all__ = ["cordonnier", "functional", "hf", "timm_extra", "torch_nn"]

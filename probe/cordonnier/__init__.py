@@ -1,0 +1,84 @@
+"""probe's own attention-only CIFAR-10 model (Cordonnier, Loukas & Jaggi, ICLR 2020): the
+architecture (:mod:`.model`), its training recipe (:mod:`.train`), and the trained checkpoint
+shipped with the package, which ``probe analyze`` analyses when no ``--model`` is given.
+
+* ``probe analyze`` / ``probe.analyze(None)`` / ``--model cordonnier``: the shipped model
+  (``weights/quadratic.safetensors``, 6 layers, 9 heads, quadratic positional attention,
+  width 72; its recipe and test accuracy in ``data/README.md`` of the repository);
+* ``--model probe.cordonnier:build --random-init`` (or ``--weights``): the architecture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from ..errors import ProbeError
+from .model import CIFAR_CFG, CLASSES, CordonnierViT, build  # noqa: F401
+
+#: The name under which the shipped model is analysed (``--model cordonnier``, or no ``--model``).
+DEFAULT_MODEL = "cordonnier"
+#: Aliases accepted for it.
+DEFAULT_ALIASES = ("cordonnier", "cordonnier_quadratic", "default")
+#: The shipped checkpoint (package data).
+WEIGHTS = Path(__file__).with_name("weights") / "quadratic.safetensors"
+
+
+def sha256(path: Path) -> str:
+    """SHA-256 hex digest of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def pretrained() -> CordonnierViT:
+    """The shipped trained model, in eval mode (architecture from the checkpoint's metadata).
+
+    Raises:
+        ProbeError: if the package was installed without its checkpoint.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not WEIGHTS.is_file():
+        raise ProbeError(f"the embedded model's checkpoint {str(WEIGHTS)!r} is missing from this "
+                         "installation; reinstall probe, or pass --model with --weights")
+    with safe_open(str(WEIGHTS), "pt") as f:
+        config = json.loads(f.metadata()["config"])
+    net = CordonnierViT(**config)
+    net.load_state_dict(load_file(str(WEIGHTS)), strict=True)
+    return net.eval()
+
+
+def resolve_default(random_init: bool = False, seed: int = 0):
+    """The shipped model as a :class:`~probe.models.ResolvedModel` (or its architecture at
+    random initialisation with ``seed``).
+
+    Raises:
+        ProbeError: as :func:`pretrained`.
+    """
+    import torch
+
+    from ..models import ResolvedModel
+
+    trained = pretrained()
+    config = dict(trained.config)
+    config.pop("img_size", None), config.pop("pool", None), config.pop("num_classes", None)
+
+    def rebuild(s: int) -> CordonnierViT:
+        return CordonnierViT(**config)
+
+    if random_init:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = rebuild(seed).eval()
+        source = f"random init (seed {seed})"
+    else:
+        net = trained
+        source = f"embedded: probe/cordonnier/weights/{WEIGHTS.name} (sha256 {sha256(WEIGHTS)[:16]}…)"
+    return ResolvedModel(model=net, name=DEFAULT_MODEL, weights=source,
+                         num_params=sum(p.numel() for p in net.parameters()),
+                         pretrained_cfg=dict(net.pretrained_cfg), rebuild=rebuild)

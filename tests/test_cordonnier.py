@@ -1,0 +1,259 @@
+"""probe's attention-only model (Cordonnier et al. 2020): its attention against explicit math,
+the fits against the model's own Δ and α (planted ground truth, also on the shipped trained
+checkpoint), the tracker against a separate analysis, the recipe's resume, the embedded default."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import probe
+from probe.capture import AttentionCapture, find_attention_layers
+from probe.cordonnier import WEIGHTS
+from probe.cordonnier.model import CordonnierViT, QuadraticAttention
+from probe.track import Tracker
+
+
+def explicit_quadratic(delta: np.ndarray, alpha: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """p_h(k|q) = exp(-α_h ||(p_k - p_q) - Δ_h||²) / Σ_k' (...), by a loop over queries: (H, T, T)."""
+    pos = np.array([(r, c) for r in range(rows) for c in range(cols)], dtype=np.float64)
+    out = np.zeros((len(alpha), len(pos), len(pos)))
+    for h in range(len(alpha)):
+        for q in range(len(pos)):
+            d = pos - pos[q] - delta[h]
+            logit = -alpha[h] * (d ** 2).sum(1)
+            e = np.exp(logit - logit.max())
+            out[h, q] = e / e.sum()
+    return out
+
+
+def captured(model, x):
+    """Attention probabilities of every layer, ``{layer: (B, H, T, T)}``, through probe's capture."""
+    layers = find_attention_layers(model, tuple(x.shape[1:]))
+    got = {}
+    cap = AttentionCapture(layers, lambda i, a: got.__setitem__(i, a.detach().clone()))
+    with cap, torch.no_grad():
+        cap.forward(model, x)
+    return got
+
+
+def planted(grid_side=8, heads=9, seed=0, attention="quadratic", reach=None):
+    torch.manual_seed(seed)
+    m = CordonnierViT(dim=18, depth=2, num_heads=heads, mlp_dim=18, attention=attention,
+                      img_size=2 * grid_side).eval()
+    rng = np.random.default_rng(seed)
+    for blk in m.blocks:
+        a = blk.attn
+        if isinstance(a, QuadraticAttention):
+            with torch.no_grad():
+                # centres inside and beyond the border (grid side 8: up to ±9 patches), α 0.05-5
+                r = grid_side + 1 if reach is None else reach
+                a.centers.copy_(torch.from_numpy(rng.uniform(-r, r, (heads, 2))))
+                a.alpha_raw.copy_(torch.from_numpy(np.exp(rng.uniform(math.log(0.05), math.log(5), heads))))
+    return m
+
+
+def test_factorised_attention_equals_explicit_softmax():
+    m = planted()
+    a = m.blocks[0].attn
+    full = a.full_probs().detach().double().numpy()
+    ref = explicit_quadratic(a.delta.double().numpy(), a.alpha.double().numpy(), *a.grid)
+    assert np.abs(full - ref).max() < 1e-5
+    # the fast path (row x column factors) gives the same outputs as the materialised matrix
+    x = torch.randn(3, 64, 18)  # (B, T = 8x8, dim)
+    fast = a(x).detach()
+    a.materialize = True
+    slow = a(x).detach()
+    a.materialize = False
+    assert torch.allclose(fast, slow, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["quadratic", "generalized", "relative"])
+def test_capture_matches_explicit_math(attention):
+    m = planted(attention=attention)
+    x = torch.randn(2, 3, 16, 16)
+    got = captured(m, x)
+    assert sorted(got) == [0, 1]
+    inputs = {}
+    hooks = [blk.attn.register_forward_hook(lambda mod, i, o, k=k: inputs.__setitem__(k, i[0]))
+             for k, blk in enumerate(m.blocks)]
+    with torch.no_grad():
+        m(x)
+    for h in hooks:
+        h.remove()
+    for k, blk in enumerate(m.blocks):
+        a = blk.attn
+        rows, cols = a.grid
+        pos = torch.tensor([(r, c) for r in range(rows) for c in range(cols)], dtype=torch.float64)
+        off = pos[None, :, :] - pos[:, None, :]  # (T, T, 2): p_k - p_q
+        if attention == "quadratic":
+            ref = explicit_quadratic(a.delta.double().numpy(), a.alpha.double().numpy(), rows, cols)
+            ref = np.broadcast_to(ref, got[k].shape)
+        elif attention == "generalized":
+            e = off[None] - a.centers.detach().double()[:, None, None, :]
+            prec = a.precision().detach().double()
+            logit = -torch.einsum("hqki,hij,hqkj->hqk", e, prec, e)
+            ref = np.broadcast_to(logit.softmax(-1).numpy(), got[k].shape)
+        else:
+            xin = inputs[k].detach().double()
+            w, b = a.qkv.weight.detach().double(), a.qkv.bias.detach().double()
+            qkv = xin @ w.T + b
+            d, H = a.head_dim, a.num_heads
+            q = qkv[..., :a.dim].unflatten(-1, (H, d)).transpose(1, 2)
+            kk = qkv[..., a.dim:2 * a.dim].unflatten(-1, (H, d)).transpose(1, 2)
+            T = rows * cols
+            ref = np.zeros(got[k].shape)
+            for h in range(H):
+                for qi in range(T):
+                    dr, dc = off[qi, :, 0].long() + rows - 1, off[qi, :, 1].long() + cols - 1
+                    r = a.rel.detach().double()[h, dr, dc]  # (T, d)
+                    logit = (q[:, h, qi, None, :] * (kk[:, h] + r[None])).sum(-1) / math.sqrt(d)
+                    ref[:, h, qi] = logit.softmax(-1).numpy()
+        assert np.abs(got[k].double().numpy() - ref).max() < 1e-5, (attention, k)
+
+
+def test_fits_recover_planted_delta_and_alpha_border_included():
+    m = planted(grid_side=8, heads=9, seed=3)
+    x = torch.randn(2, 3, 16, 16)
+    res = probe.analyze(m, x, attribution="none", conv_test=False, n_bootstrap=0)
+    assert res.geometry.num_prefix_tokens == 0 and res.geometry.grid == (8, 8)
+    for k, blk in enumerate(m.blocks):
+        a = blk.attn
+        h = res.heads[res.heads.layer == k].sort_values("head")
+        delta = h[["delta_row", "delta_col"]].to_numpy()
+        alpha = h["alpha"].to_numpy()
+        truth_d, truth_a = a.delta.double().numpy(), a.alpha.double().numpy()
+        assert np.abs(delta - truth_d).max() < 1e-3
+        assert np.abs(alpha / truth_a - 1).max() < 1e-3
+
+
+def test_fits_recover_the_shipped_models_own_delta_and_alpha():
+    """Planted ground truth on a trained model: the shipped checkpoint's heads are read back."""
+    m = probe.cordonnier.pretrained()
+    x = torch.randn(2, 3, 32, 32)
+    res = probe.analyze(m, x, attribution="none", conv_test=False, n_bootstrap=0)
+    checked = 0
+    for k, blk in enumerate(m.blocks):
+        h = res.heads[res.heads.layer == k].sort_values("head")
+        ok = (h.quad_status == "ok").to_numpy()
+        truth_a = blk.attn.alpha.double().numpy()
+        inside = ok & (truth_a > 0.01) & (truth_a < 20)  # the fit's α range; a near-uniform head has no centre
+        d = h[["delta_row", "delta_col"]].to_numpy()[inside]
+        assert np.abs(d - blk.attn.delta.double().numpy()[inside]).max() < 1e-3
+        assert np.abs(h["alpha"].to_numpy()[inside] / truth_a[inside] - 1).max() < 1e-3
+        checked += int(inside.sum())
+    assert checked >= 27
+
+
+def test_tracker_records_equal_a_separate_analysis(tmp_path):
+    m = planted(seed=5, reach=3)
+    m.train()
+    x = torch.randn(4, 3, 16, 16)
+    tr = Tracker(x, every=3, out_dir=tmp_path)
+    assert tr.step(m, 0) and not tr.step(m, 1)
+    assert m.training, "the tracker must give the model back in training mode"
+    ref = probe.analyze(m, x, attribution="none", null_seeds=0, n_bootstrap=0, batch_size=4)
+    m.train()
+    h = tr.heads
+    cols = ["delta_row", "delta_col", "alpha", "r90_empirical_patches", "mean_distance_px", "entropy_nats"]
+    pd.testing.assert_frame_equal(h[["layer", "head", *cols]].reset_index(drop=True),
+                                  ref.heads[["layer", "head", *cols]].reset_index(drop=True))
+    assert (tr.layers_table.conv_score.to_numpy() == ref.layers.conv_score.to_numpy()).all()
+    on_disk = pd.read_csv(tmp_path / "track_heads.csv")
+    assert len(on_disk) == len(h) and set(on_disk.step) == {0}
+    # a training step moves the centres; the tracker sees it at the next record
+    with torch.no_grad():
+        m.blocks[0].attn.centers.add_(0.5)
+    tr.step(m, 3)
+    h3 = tr.heads[(tr.heads.step == 3) & (tr.heads.layer == 0)]
+    h0 = tr.heads[(tr.heads.step == 0) & (tr.heads.layer == 0)]
+    truth = m.blocks[0].attn.delta.double().numpy()
+    # well-determined centres: sharp, and inside the offsets the 8x8 grid has (|δ| <= 7)
+    sharp = (m.blocks[0].attn.alpha.numpy() > 0.2) & (np.abs(truth).max(1) < 7) & (np.abs(truth - 0.5).max(1) < 7)
+    assert sharp.sum() >= 4
+    assert np.allclose(h3[["delta_row", "delta_col"]].to_numpy()[sharp], truth[sharp], atol=1e-3)
+    assert np.allclose(h3.delta_row.to_numpy()[sharp], h0.delta_row.to_numpy()[sharp] + 0.5, atol=1e-3)
+
+
+def test_tracker_refuses_bad_arguments():
+    with pytest.raises(probe.ProbeError, match="float tensor"):
+        Tracker(torch.zeros(3, 3, 3))
+    with pytest.raises(probe.ProbeError, match="positive integer"):
+        Tracker(torch.zeros(1, 3, 8, 8), every=0)
+
+
+def _tiny_dataset(root, n_per_class=12, classes=("a", "b")):
+    rng = np.random.default_rng(0)
+    for i, c in enumerate(classes):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for j in range(n_per_class):
+            arr = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+            arr[..., i] = 255  # a class signal
+            Image.fromarray(arr).save(root / c / f"{j:04d}.png")
+
+
+def test_recipe_resume_gives_the_same_weights(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from probe.cordonnier.train import TrainConfig, train
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    _tiny_dataset(tmp_path / "train")
+    _tiny_dataset(tmp_path / "test", n_per_class=4)
+    kw = dict(train=str(tmp_path / "train"), test=str(tmp_path / "test"), dim=18, depth=2, num_heads=9,
+              mlp_dim=18, epochs=3, batch_size=8, track_every=2, track_images=4, checkpoint_every=2,
+              snapshot_every=4, log_every=1)
+    a = train(TrainConfig(out=str(tmp_path / "a"), **kw))
+    assert a["finished"] and a["total_steps"] == 9 and 0 <= a["test_accuracy"] <= 1
+    b1 = train(TrainConfig(out=str(tmp_path / "b"), max_steps=5, **kw))
+    assert not b1["finished"] and not (tmp_path / "b" / "model.safetensors").exists()
+    b2 = train(TrainConfig(out=str(tmp_path / "b"), **kw))
+    assert b2["finished"]
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ta = pd.read_csv(tmp_path / "a" / "track_heads.csv")
+    tb = pd.read_csv(tmp_path / "b" / "track_heads.csv")
+    pd.testing.assert_frame_equal(ta, tb)
+    assert sorted(ta.step.unique()) == [0, 2, 4, 6, 8, 9]
+    la, lb = pd.read_csv(tmp_path / "a" / "train_log.csv"), pd.read_csv(tmp_path / "b" / "train_log.csv")
+    assert (la.train_loss.to_numpy() == lb.train_loss.to_numpy()).all()
+    # another run's folder is not silently reused
+    with pytest.raises(probe.ProbeError, match="other settings"):
+        train(TrainConfig(out=str(tmp_path / "a"), **{**kw, "lr": 0.05}))
+
+
+def test_recipe_refuses_a_folder_without_classes(tmp_path):
+    from probe.cordonnier.train import TrainConfig, train
+
+    (tmp_path / "flat").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "flat" / "x.png")
+    with pytest.raises(probe.ProbeError, match="class sub-folders"):
+        train(TrainConfig(train=str(tmp_path / "flat"), test=None, out=str(tmp_path / "o")))
+
+
+def test_probe_analyze_with_no_arguments_runs_offline(tmp_path):
+    """The newcomer's first command: the embedded model on embedded images, no download."""
+    assert WEIGHTS.is_file()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1", "COLUMNS": "200",
+           "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+    proc = subprocess.run([sys.executable, "-m", "probe.cli", "analyze"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    outs = list((tmp_path / "reports").glob("cordonnier-*"))
+    assert len(outs) == 1
+    out = outs[0]
+    heads = pd.read_csv(out / "heads.csv")
+    assert len(heads) == 6 * 9
+    html = (out / "report.html").read_text()
+    assert "embedded" in html and "scikit-learn" in html
+    names = (out / "images.txt").read_text().split()
+    assert len(names) == 64 and all("@" in n for n in names)
