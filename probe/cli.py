@@ -92,6 +92,7 @@ def analyze(
     local_radius: float = typer.Option(2.0, "--local-radius", help="a head is local when 90% of its attention lies within this many patches of its centre"),
     kernel_size: Optional[int] = typer.Option(None, "--kernel-size", help="K of the KxK lattice (default sqrt(heads) if a square >= 4, else 3)"),
     conv_level: float = typer.Option(0.01, "--conv-level", help="family-wise significance level (Holm) of the conv test"),
+    conv_calibration: str = typer.Option("taps", "--conv-calibration", help="taps (distinct local offsets around the query; default) or lattice (the unit-lattice alignment test of the first calibration)"),
     attribution: str = typer.Option("ig", "--attribution", help="head attribution with captum: ig, ablation, both or none"),
     attribution_images: int = typer.Option(16, "--attribution-images", help="the first N analysed images are used for the attribution"),
     query: Optional[str] = typer.Option(None, "--query", help="query patch ROW,COL whose mean attention map the report shows (default: the central patch)"),
@@ -127,7 +128,7 @@ def analyze(
                     patch_size=patch_size, data_overrides=overrides, progress=progress,
                     fits=fits, anisotropic=anisotropic, conv_test=conv_test and fits,
                     conv_config=ConvLikeConfig(kernel_size=kernel_size, r_local=local_radius,
-                                               level=conv_level, seed=seed),
+                                               level=conv_level, seed=seed, calibration=conv_calibration),
                     null_seeds=null_seeds, null_images=null_images, null_layers=null_layers,
                     attribution=attribution, attribution_images=attribution_images,
                 )

@@ -42,17 +42,28 @@ def layer_fits(heads: pd.DataFrame) -> dict[int, LayerFit]:
     """Per-layer inputs of the conv test from a heads table with quadratic-fit columns.
 
     Locality uses the measured ``r90_empirical_patches``; a head without a finite centre
-    (``α = 0``) is placed at the query and, having a large radius, is non-local.
+    (``α = 0``) is placed at the query and, having a large radius, is non-local. The radius's
+    standard error is carried over from α's bootstrap standard error by the delta method for a
+    radius scaling as ``α^(-1/2)``: ``se(r90) = r90 · se(α) / (2α)``, so the verdict's stability
+    reflects the uncertainty of locality as well as of the centres.
     """
     out = {}
     for layer, g in heads.groupby("layer", sort=True):
         delta = g[["delta_row", "delta_col"]].to_numpy(dtype=np.float64)
         finite = np.isfinite(delta).all(1)
         se = g[["delta_row_se", "delta_col_se"]].to_numpy(dtype=np.float64)
+        r90 = g["r90_empirical_patches"].to_numpy(dtype=np.float64)
+        r90_se = None
+        if "alpha_se" in g and "alpha" in g:
+            a, ase = g["alpha"].to_numpy(dtype=np.float64), g["alpha_se"].to_numpy(dtype=np.float64)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rs = r90 * ase / (2 * a)
+            r90_se = np.where(np.isfinite(rs), rs, 0.0)
         out[int(layer)] = LayerFit(
             delta=np.where(finite[:, None], delta, 0.0),
-            r90=g["r90_empirical_patches"].to_numpy(dtype=np.float64),
+            r90=r90,
             delta_se=np.where(np.isfinite(se), se, 0.0),
+            r90_se=r90_se,
         )
     return out
 
@@ -61,7 +72,8 @@ def _score(delta: np.ndarray, r90: np.ndarray, config: ConvLikeConfig) -> float:
     """Score of one layer; a head without a finite centre is placed at the query."""
     delta = np.where(np.isfinite(delta), delta, 0.0)
     return convlike_score(delta, r90=r90, kernel_size=config.kernel_size, r_local=config.r_local,
-                          mass=config.mass, tolerance=config.tolerance)
+                          mass=config.mass, tolerance=config.tolerance, calibration=config.calibration,
+                          separation=config.tap_separation, window=config.tap_window)
 
 
 def layer_scores(heads: pd.DataFrame, config: ConvLikeConfig) -> dict[int, float]:

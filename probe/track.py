@@ -50,6 +50,33 @@ HEAD_COLUMNS = (
 LAYER_COLUMNS = ("mean_distance_px", "entropy_nats", "conv_n_local", "conv_score", "conv_verdict")
 
 
+def rescore(heads: pd.DataFrame, layers_table: pd.DataFrame, config: Any = None) -> pd.DataFrame:
+    """``layers_table`` with ``conv_n_taps`` and ``conv_score_taps`` (re)computed from the recorded
+    per-head Δ and measured radius (:func:`probe.analyses.convlike.distinct_taps`), so records taken
+    with another calibration of the conv statistic are shown with the current one.
+
+    Args:
+        heads, layers_table: :attr:`Tracker.heads`, :attr:`Tracker.layers_table`.
+        config: :class:`~probe.analyses.convlike.ConvLikeConfig` (default thresholds).
+    """
+    import numpy as np
+
+    from .analyses.convlike import ConvLikeConfig, default_kernel_size, distinct_taps
+
+    cfg = config or ConvLikeConfig()
+    rows = []
+    for (step, layer), g in heads.groupby(["step", "layer"], sort=True):
+        d = g[["delta_row", "delta_col"]].to_numpy(dtype=float)
+        d = np.where(np.isfinite(d), d, 0.0)
+        local = g["r90_empirical_patches"].to_numpy(dtype=float) <= cfg.r_local
+        k = cfg.kernel_size or default_kernel_size(len(g))
+        score, n, _ = distinct_taps(d, local, k, separation=cfg.tap_separation, window=cfg.window(k))
+        rows.append({"step": step, "layer": layer, "conv_n_taps": n, "conv_score_taps": score})
+    extra = pd.DataFrame(rows, columns=["step", "layer", "conv_n_taps", "conv_score_taps"])
+    base = layers_table.drop(columns=[c for c in ("conv_n_taps", "conv_score_taps") if c in layers_table])
+    return base.merge(extra, on=["step", "layer"], how="left")
+
+
 class Tracker:
     """Record attention geometry of a model every ``every`` training steps.
 
@@ -156,6 +183,29 @@ class Tracker:
             h, l = h[h.step <= until_step], l[l.step <= until_step]
         self._heads = [h] if len(h) else []
         self._layers = [l] if len(l) else []
+
+    def write_report(self, out_dir: str | Path, log: pd.DataFrame | None = None,
+                     meta: dict | None = None, title: str = "", summary: str = "") -> Path:
+        """Write ``training_report.html`` (one self-contained file) and the two CSVs to ``out_dir``.
+
+        Args:
+            log: optional training log (``step``, ``train_loss``, ``train_acc``, ``lr``, ...).
+            meta, title, summary: shown at the top of the page.
+
+        Raises:
+            ProbeError: if nothing was recorded yet.
+        """
+        from .report.training import render_training_report
+        from .result import atomic_write_text
+
+        if not self._heads:
+            raise ProbeError("the tracker has no records yet; call tracker.step(model, step) in the loop first")
+        out = Path(out_dir)
+        self.save(out)
+        page = render_training_report(self.heads, rescore(self.heads, self.layers_table, self.conv_config),
+                                      log, meta, title, summary)
+        atomic_write_text(out / "training_report.html", page)
+        return out / "training_report.html"
 
     def close(self) -> None:
         """Flush TensorBoard events."""

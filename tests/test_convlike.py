@@ -25,7 +25,7 @@ from probe.analyses.convlike import (
 from probe.errors import ProbeError
 
 torch.set_num_threads(1)
-FAST = ConvLikeConfig(n_null=1999)
+FAST = ConvLikeConfig(calibration="lattice", n_null=1999)
 
 
 def _planted_model(rng, conv=3, random_local=3, nonlocal_=3, noise=0.05):
@@ -130,7 +130,7 @@ def test_null_p_values_are_calibrated():
         l: LayerFit(rng.uniform(-1.5, 1.5, (9, 2)), np.where(rng.random(9) < 0.7, 30.0, 0.01))
         for l in range(120)
     }
-    res = convlike_test(fits, config=ConvLikeConfig(n_null=199))
+    res = convlike_test(fits, config=ConvLikeConfig(calibration="lattice", n_null=199))
     p = res.layers.conv_p_value.to_numpy()
     assert stats.kstest(p, "uniform").pvalue > 0.01
     assert (res.layers.conv_verdict != "conv-like").all()
@@ -331,12 +331,12 @@ def test_jitter_null_and_model_pool_options():
         1: LayerFit(rng.uniform(-1.5, 1.5, (9, 2)), np.full(9, 30.0)),
         2: LayerFit(rng.normal(0, 0.2, (9, 2)), np.full(9, 1e-3)),
     }
-    jit = convlike_test(fits, config=ConvLikeConfig(n_null=1999, null="jitter")).layers
+    jit = convlike_test(fits, config=ConvLikeConfig(calibration="lattice", n_null=1999, null="jitter")).layers
     assert jit.conv_verdict.tolist() == ["conv-like", "local but not grid", "non-local"]
     # pooling alphas over the model lowers the null of a fully local layer (fewer local heads
     # in the null), so its p-value can only drop: the reason "layer" is the default
-    lay = convlike_test(fits, config=ConvLikeConfig(n_null=1999)).layers
-    mod = convlike_test(fits, config=ConvLikeConfig(n_null=1999, alpha_pool="model")).layers
+    lay = convlike_test(fits, config=ConvLikeConfig(calibration="lattice", n_null=1999)).layers
+    mod = convlike_test(fits, config=ConvLikeConfig(calibration="lattice", n_null=1999, alpha_pool="model")).layers
     assert mod.conv_null_mean[1] < lay.conv_null_mean[1]
     assert mod.conv_p_value[1] <= lay.conv_p_value[1]
 
@@ -376,3 +376,87 @@ def test_planted_vit_through_pipeline_with_random_init_null():
     assert (t.loc[[0, 1], "conv_random_init_max"] < 0.5).all()
     assert (t.loc[[2, 3, 4], "conv_verdict"] == "non-local").all()
     assert out.deepest_conv_layer == 1
+
+
+# -- the revised ("taps") calibration ---------------------------------------------------------
+TAPS = ConvLikeConfig(n_null=1999)  # calibration="taps" is the default
+
+
+def _dilated_grid(rng, spacing=1.7, jitter=0.4):
+    """The pattern of Cordonnier et al.'s Fig. 4 for a trained model: 9 sharp heads at distinct
+    offsets around the query, on a 3x3 block of spacing ``spacing``, each up to ``jitter`` off."""
+    return kernel_lattice(3) * spacing + rng.uniform(-jitter, jitter, (9, 2))
+
+
+def test_distinct_offsets_around_the_query_are_conv_like_only_under_taps():
+    rng = np.random.default_rng(11)
+    fits = {l: LayerFit(_dilated_grid(rng), r90=np.full(9, 0.9)) for l in range(3)}
+    taps = convlike_test(fits, config=TAPS).layers
+    lattice = convlike_test(fits, config=ConvLikeConfig(calibration="lattice", n_null=1999)).layers
+    assert (taps.conv_verdict == "conv-like").all() and (taps.conv_n_taps == 9).all()
+    assert (taps.conv_score == 1.0).all()
+    # the first calibration rejects the same layers: offsets off the unit block
+    assert (lattice.conv_verdict != "conv-like").all()
+    assert (lattice.conv_score_taps == 1.0).all()  # both statistics are reported either way
+
+
+def test_taps_counts_coincident_and_far_heads_correctly():
+    from probe.analyses.convlike import distinct_taps
+
+    same = np.zeros((9, 2)) + [[0.0, 1.0]]
+    s, n, labels = distinct_taps(same + np.random.default_rng(0).normal(0, 0.05, (9, 2)), np.ones(9, bool), 3)
+    assert n == 1 and s == pytest.approx(1 / 9) and (labels == labels[0]).all()
+    far = kernel_lattice(3) + [4.0, 0.0]  # sharp heads around an offset 4 patches away
+    s, n, labels = distinct_taps(far, np.ones(9, bool), 3)
+    assert n == 0 and s == 0.0 and (labels == -1).all()  # rows 3-5 lie outside the 2.5-patch window
+    s, n, _ = distinct_taps(far, np.ones(9, bool), 3, window=5.5)
+    assert n == 9
+    # a chain of heads half a patch apart is one tap (single linkage), two heads 0.6 apart are two
+    chain = np.array([[0.0, 0.45 * i] for i in range(5)])
+    assert distinct_taps(chain, np.ones(5, bool), 3)[1] == 1
+    assert distinct_taps(np.array([[0.0, 0.0], [0.0, 0.6]]), np.ones(2, bool), 3)[1] == 2
+    # non-local heads are never taps
+    assert distinct_taps(kernel_lattice(3), np.zeros(9, bool), 3)[1] == 0
+
+
+def test_taps_verdicts_for_collapsed_far_and_non_local_layers():
+    rng = np.random.default_rng(12)
+    fits = {
+        0: LayerFit(np.zeros((9, 2)) + rng.normal(0, 0.05, (9, 2)), r90=np.full(9, 1.0)),  # one blurred tap
+        1: LayerFit(kernel_lattice(3) * 1.5 + [5.0, 5.0], r90=np.full(9, 1.0)),  # far from the query
+        2: LayerFit(_dilated_grid(rng), r90=np.full(9, 8.0)),  # global heads
+    }
+    t = convlike_test(fits, config=TAPS).layers.set_index("layer")
+    assert t.loc[0, "conv_verdict"] == "local but not grid" and t.loc[0, "conv_n_taps"] == 1
+    assert t.loc[1, "conv_verdict"] == "local but not grid" and t.loc[1, "conv_n_taps"] == 0
+    assert t.loc[2, "conv_verdict"] == "non-local"
+
+
+def test_random_init_null_vetoes_taps_too():
+    rng = np.random.default_rng(13)
+    fits = {0: LayerFit(_dilated_grid(rng), r90=np.full(9, 0.9))}
+    t = convlike_test(fits, random_init={0: [1.0, 0.2]}, config=TAPS).layers
+    assert t.conv_verdict.iloc[0] == "local but not grid"
+
+
+def test_verdict_stability_and_borderline():
+    """A layer whose verdict turns on one head's locality, measured with a large standard error,
+    is "borderline"; a clear layer is stable. Stability = fraction of replicates with the point
+    verdict."""
+    lat = kernel_lattice(3)
+    clear = LayerFit(lat, r90=np.full(9, 0.8), r90_se=np.full(9, 0.05), delta_se=np.full((9, 2), 0.02))
+    # 4 sharp heads + a fifth whose radius (1.99 ± 0.5) straddles the 2-patch threshold + 4 global
+    # heads: with the fifth local the layer has 5 of 9 local heads on 5 distinct taps (conv-like),
+    # without it only 4 local heads (< half: non-local)
+    r90 = np.array([0.8, 0.8, 0.8, 0.8, 1.99, 8, 8, 8, 8])
+    r90_se = np.array([0, 0, 0, 0, 0.5, 0, 0, 0, 0.0])
+    shaky = LayerFit(lat, r90=r90, r90_se=r90_se, delta_se=np.zeros((9, 2)))
+    t = convlike_test({0: clear, 1: shaky}, config=TAPS).layers.set_index("layer")
+    assert t.loc[0, "conv_verdict"] == "conv-like" and t.loc[0, "conv_verdict_stability"] == 1.0
+    assert t.loc[1, "conv_verdict"] == "borderline"
+    # independent value: P(N(1.99, 0.5) <= 2) = 0.508; 200 replicates
+    assert t.loc[1, "conv_like_fraction"] == pytest.approx(stats.norm.cdf(0.01 / 0.5), abs=0.12)
+    assert t.loc[1, "conv_verdict_stability"] == t.loc[1, "conv_like_fraction"]
+    # no uncertainty given: no stability check
+    t2 = convlike_test({0: LayerFit(lat, r90=r90)}, config=TAPS).layers
+    assert np.isnan(t2.conv_verdict_stability.iloc[0]) and t2.conv_verdict.iloc[0] == "conv-like"

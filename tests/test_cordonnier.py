@@ -20,6 +20,7 @@ import probe
 from probe.capture import AttentionCapture, find_attention_layers
 from probe.cordonnier import WEIGHTS
 from probe.cordonnier.model import CordonnierViT, QuadraticAttention
+import probe.track
 from probe.track import Tracker
 
 
@@ -257,3 +258,37 @@ def test_probe_analyze_with_no_arguments_runs_offline(tmp_path):
     assert "embedded" in html and "scikit-learn" in html
     names = (out / "images.txt").read_text().split()
     assert len(names) == 64 and all("@" in n for n in names)
+
+
+def test_lightning_callback_needs_lightning_or_says_so():
+    import importlib.util
+
+    tr = Tracker(torch.zeros(1, 3, 16, 16))
+    if importlib.util.find_spec("lightning") or importlib.util.find_spec("pytorch_lightning"):
+        cb = probe.track.lightning_callback(tr)
+        assert hasattr(cb, "on_train_batch_end")
+    else:
+        with pytest.raises(probe.ProbeError, match="Lightning is not installed"):
+            probe.track.lightning_callback(tr)
+
+
+def test_training_report_is_one_self_contained_page(tmp_path):
+    m = planted(seed=2, reach=3)
+    tr = Tracker(torch.randn(2, 3, 16, 16), every=1, out_dir=tmp_path)
+    for step in range(3):
+        with torch.no_grad():
+            m.blocks[0].attn.centers.mul_(0.8)  # centres move towards the query
+        tr.step(m, step)
+    page = tr.write_report(tmp_path, log=pd.DataFrame({"step": [1, 2], "train_loss": [2.0, 1.5],
+                                                        "train_acc": [0.1, 0.3], "lr": [0.1, 0.1]}))
+    html = page.read_text()
+    assert html.count("data:image/png;base64,") == 3 and "http" not in html.replace("http-equiv", "")
+    assert (tmp_path / "track_layers.csv").is_file()
+    # the report's tap counts are recomputed from the recorded centres (independent count)
+    from probe.track import rescore
+    from probe.analyses.convlike import distinct_taps
+
+    lt = rescore(tr.heads, tr.layers_table)
+    h = tr.heads[(tr.heads.step == 2) & (tr.heads.layer == 0)]
+    n = distinct_taps(h[["delta_row", "delta_col"]].to_numpy(), h.r90_empirical_patches.to_numpy() <= 2, 3)[1]
+    assert lt[(lt.step == 2) & (lt.layer == 0)].conv_n_taps.item() == n

@@ -23,7 +23,8 @@ What it does, following the paper's ``runs/quadratic`` configuration except wher
   every ``checkpoint_every`` steps and at a ``max_minutes`` stop, written atomically; weight
   snapshots ``snapshots/step-NNNNNN.safetensors`` every ``snapshot_every`` steps;
 * :class:`probe.track.Tracker` on 16 fixed test images every ``track_every`` steps;
-* at the end: ``model.safetensors``, ``config.json`` (with the test accuracy), ``train_log.csv``.
+* at the end: ``model.safetensors`` (architecture and test accuracy in its metadata), ``summary.json``,
+  ``train_log.csv`` and ``training_report.html`` (:func:`write_training_report`).
 """
 
 from __future__ import annotations
@@ -344,7 +345,35 @@ def train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None = 
                 "test_accuracy": str(summary.get("test_accuracy"))}
         _atomic_safetensors(model.state_dict(), out / "model.safetensors", meta)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    if tracker is not None and summary["finished"]:
+        write_training_report(out)
     return summary
+
+
+def write_training_report(run_dir: str | Path) -> Path:
+    """Write ``training_report.html`` of a run folder from its tracker records, training log and
+    summary (:meth:`probe.track.Tracker.write_report`).
+
+    Raises:
+        ProbeError: if the folder has no tracker records.
+    """
+    import pandas as pd
+
+    from ..track import Tracker
+
+    run = Path(run_dir)
+    tracker = Tracker(torch.zeros(1, 3, 32, 32))
+    tracker.load(run)
+    log = pd.read_csv(run / "train_log.csv") if (run / "train_log.csv").is_file() else None
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+    cfg = summary.get("config", {})
+    meta = {"model": json.dumps(summary.get("model_config", {})), "steps": summary.get("steps"),
+            "epochs": cfg.get("epochs"), "seed": cfg.get("seed"), "wall time (s)": summary.get("wall_s"),
+            "test accuracy": summary.get("test_accuracy"), "torch": summary.get("torch")}
+    return tracker.write_report(run, log=log, meta={k: v for k, v in meta.items() if v is not None},
+                                title="probe's attention-only CIFAR-10 model",
+                                summary="Quadratic positional attention (Cordonnier et al. 2020, Eq. 9), "
+                                        "recorded by probe.track on 16 fixed test images.")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,26 +5,24 @@ from __future__ import annotations
 import base64
 import io
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
 
 
-def to_data_uri(fig: "plt.Figure", dpi: int = 110) -> str:
-    """Encode a figure as a ``data:image/png;base64,...`` URI and close it."""
+def to_data_uri(fig: Figure, dpi: int = 110) -> str:
+    """Encode a figure as a ``data:image/png;base64,...`` URI (figures are
+    :class:`matplotlib.figure.Figure` objects, never pyplot state: nothing to close)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _per_head_vs_depth(heads: pd.DataFrame, column: str, ylabel: str, title: str,
-                       refs: pd.DataFrame, ref_column: str, ref_label: str) -> "plt.Figure":
-    fig, ax = plt.subplots(figsize=(7, 4))
+                       refs: pd.DataFrame, ref_column: str, ref_label: str) -> Figure:
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     sns.stripplot(data=heads, x="layer", y=column, hue="head", palette="tab10", jitter=0.15,
                   size=6, ax=ax, native_scale=True)
     ax.plot(refs["layer"], refs[ref_column], "k--", lw=1, label=ref_label)
@@ -60,8 +58,8 @@ def attention_maps(center_maps: dict[int, np.ndarray], query_rc: tuple[int, int]
     """
     layers = sorted(center_maps)
     n_heads = max(m.shape[0] for m in center_maps.values())
-    fig, axes = plt.subplots(len(layers), n_heads, figsize=(1.6 * n_heads + 0.6, 1.6 * len(layers) + 0.4),
-                             squeeze=False)
+    fig = Figure(figsize=(1.6 * n_heads + 0.6, 1.6 * len(layers) + 0.4))
+    axes = fig.subplots(len(layers), n_heads, squeeze=False)
     for i, layer in enumerate(layers):
         maps = center_maps[layer]
         for h in range(n_heads):

@@ -13,9 +13,7 @@ from __future__ import annotations
 import math
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.patches import Circle, Rectangle  # noqa: E402
@@ -31,7 +29,7 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
 
 def head_color(head: int) -> tuple[float, float, float, float]:
     """RGBA colour of a head: ``tab10`` by head index (cycling after 10)."""
-    return plt.get_cmap("tab10")(int(head) % 10)
+    return matplotlib.colormaps["tab10"](int(head) % 10)
 
 
 def _check(frame: pd.DataFrame) -> pd.DataFrame:
@@ -58,7 +56,7 @@ def _drawn(row: pd.Series) -> bool:
 
 
 def plot_quadratic_layer(frame: pd.DataFrame, geometry: TokenGeometry, *, title: str | None = None,
-                         max_halfwidth: float | None = None) -> "plt.Figure":
+                         max_halfwidth: float | None = None) -> Figure:
     """Cordonnier-style figure of the attention centres of one layer's heads.
 
     Axes are the relative offset ``δ = p_key − p_query`` in patches (columns to the right, rows
@@ -84,7 +82,8 @@ def plot_quadratic_layer(frame: pd.DataFrame, geometry: TokenGeometry, *, title:
     """
     frame = _check(frame)
     rows, cols = geometry.grid
-    fig, ax = plt.subplots(figsize=(8.0, 5.2))
+    fig = Figure(figsize=(8.0, 5.2))
+    ax = fig.subplots()
 
     # View: the query, every drawn centre and its 50 % circle; at least ±3 patches.
     need = 3.0

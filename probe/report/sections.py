@@ -52,11 +52,13 @@ def convlike_section(cl: Any, meta: dict[str, Any]) -> dict[str, str]:
     c = cl.config
     t = cl.layers
     cols = {
-        "layer": "layer", "conv_verdict": "verdict", "conv_score": "score S",
+        "layer": "layer", "conv_verdict": "verdict", "conv_verdict_stability": "verdict stability",
+        "conv_like_fraction": "conv-like in replicates", "conv_score": "score S",
         "conv_score_lo": "S 2.5 %", "conv_score_hi": "S 97.5 %", "conv_n_local": "local heads",
-        "conv_num_heads": "heads", "conv_n_covered": "lattice points covered",
+        "conv_num_heads": "heads", "conv_n_taps": "distinct taps", "conv_score_taps": "S taps",
+        "conv_score_lattice": "S lattice", "conv_n_covered": "lattice points covered",
         "conv_kernel_size": "K", "conv_null_mean": "null (b) mean", "conv_effect_size": "effect size",
-        "conv_p_value": "p", "conv_p_holm": "p (Holm)", "conv_random_init_max": "random-init max S",
+        "conv_p_value": "p lattice", "conv_p_holm": "p lattice (Holm)", "conv_random_init_max": "random-init max S",
     }
     shown = t[[k for k in cols if k in t.columns]].rename(columns=cols)
     seeds = meta.get("conv_null_seeds", 0)
@@ -80,14 +82,26 @@ def convlike_section(cl: Any, meta: dict[str, Any]) -> dict[str, str]:
         "heads jointly act like a K×K convolution — each head local and centred on a distinct offset "
         "of the K×K kernel grid around the query — and this fades with depth.</p>"
         f"<p><b>Verdict.</b> {html.escape(cl.summary())}</p>"
-        "<p class='note'><b>Statistic.</b> A head is local when 90 % of its measured attention lies within "
-        f"{c.r_local} patches of its centre Δ. Local heads are matched one-to-one to the K×K lattice of "
-        "integer offsets (scipy's linear_sum_assignment); the score S = (1/min(H, K²)) Σ exp(−d²/2τ²) "
-        f"over matched pairs (d: centre-to-point distance, τ = {c.tolerance} patch) lies in [0, 1]. "
-        f"<b>Nulls:</b> (b) the layer's heads with centres redrawn uniformly in the kernel window "
-        f"({c.n_null} draws; p-values Holm-corrected over layers); {null_a}. "
-        f"<b>Conv-like</b>: Holm p &lt; {c.level}, S ≥ {c.min_score} and S above every random-init score; "
-        "<b>non-local</b>: fewer than half the heads local; otherwise <b>local but not grid</b>.</p>"
+        "<p class='note'><b>Statistics.</b> A head is local when 90 % of its measured attention lies within "
+        f"{c.r_local} patches of its centre Δ. <i>Distinct taps</i>: local heads whose centre lies within "
+        f"{c.window(int(t['conv_kernel_size'].iloc[0])) if len(t) else ''} patches of the query per axis "
+        f"(the K×K kernel at dilation up to 2, plus half a patch), centres closer than {c.tap_separation} patch "
+        "merged (single linkage); S taps = #taps / min(H, K²). <i>Lattice alignment</i>: local heads matched "
+        "one-to-one to the K×K lattice of integer offsets (scipy's linear_sum_assignment), "
+        f"S lattice = (1/min(H, K²)) Σ exp(−d²/2τ²), τ = {c.tolerance} patch, against null (b): the layer's "
+        f"heads with centres redrawn uniformly in the kernel window ({c.n_null} draws; p Holm-corrected over "
+        f"layers); {null_a}. "
+        + ("<b>Calibration: taps</b> (default). <b>Conv-like</b>: S taps ≥ "
+           f"{c.min_score} and above every random-init score — the heads attend to distinct offsets around the "
+           "query, which is what Theorem 1 needs to express a convolution on those offsets; the lattice p-value "
+           "asks the narrower question whether the offsets sit on the unit integer grid, and is reported "
+           "alongside. " if c.calibration == "taps" else
+           f"<b>Calibration: lattice</b> (the first one). <b>Conv-like</b>: Holm p &lt; {c.level}, S lattice ≥ "
+           f"{c.min_score} and above every random-init score. ")
+        + "<b>Non-local</b>: fewer than half the heads local; otherwise <b>local but not grid</b>. "
+        f"<b>Stability</b>: the fraction of uncertainty replicates (the bootstrap standard errors of Δ and α) "
+        f"whose verdict is the same; a verdict below {c.min_stability:.0%} that involves conv-like is "
+        "reported as <b>borderline</b>.</p>"
     )
     fig = plots.to_data_uri(plot_convlike(cl))
     return {"title": "Do early layers act like convolutions?",
