@@ -21,6 +21,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console(stderr=True)
 
 
+def _fail(message: str, code: int = 2) -> "typer.Exit":
+    """Print ``error: message`` as one line (never wrapped; colour only on a terminal) and return
+    the exit to raise."""
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/] {escape(' '.join(str(message).split()))}", soft_wrap=True, highlight=False)
+    return typer.Exit(code)
+
+
+def _interrupted() -> "typer.Exit":
+    console.print("interrupted", soft_wrap=True, highlight=False)
+    return typer.Exit(130)
+
+
 @app.callback()
 def main() -> None:
     """Analyse the attention heads of trained vision transformers."""
@@ -42,11 +56,47 @@ def _parse_floats(text: Optional[str], n: int, option: str) -> Optional[tuple[fl
         vals = tuple(float(v) for v in re.split(r"[,\s]+", text.strip()) if v)
     except ValueError:
         vals = ()
+    import math
+
+    if not all(math.isfinite(v) for v in vals):
+        raise ProbeError(f"malformed {option} {text!r}: the values must be finite numbers (no nan or inf)")
     if len(vals) == 1 and n > 1:
         vals = vals * n
     if len(vals) != n:
         raise ProbeError(f"malformed {option} {text!r}: give {n} comma-separated numbers")
     return vals
+
+
+def _check_options(*, num_images, batch_size, attribution_images, patch_size, null_seeds, null_images,
+                   local_radius, conv_level, kernel_size, overrides, query) -> None:
+    """Every numeric option checked before any work starts (ProbeError naming the option)."""
+    import math
+
+    def positive_int(name, v, allow_none=True, minimum=1):
+        if v is None and allow_none:
+            return
+        if v < minimum:
+            raise ProbeError(f"{name} must be at least {minimum}, got {v}")
+
+    positive_int("--num-images", num_images)
+    positive_int("--batch-size", batch_size)
+    positive_int("--attribution-images", attribution_images)
+    positive_int("--null-images", null_images)
+    positive_int("--null-seeds", null_seeds, minimum=0)
+    positive_int("--kernel-size", kernel_size)
+    if patch_size is not None and not (math.isfinite(patch_size) and patch_size > 0):
+        raise ProbeError(f"--patch-size must be a positive number of pixels per token, got {patch_size}")
+    if not (math.isfinite(local_radius) and local_radius > 0):
+        raise ProbeError(f"--local-radius must be a positive number of patches, got {local_radius}")
+    if not 0 < conv_level < 1:
+        raise ProbeError(f"--conv-level must lie in (0, 1), got {conv_level}")
+    size = overrides.get("input_size")
+    if size is not None and not all(v >= 1 for v in size):
+        raise ProbeError(f"--input-size must be three positive integers C,H,W, got {','.join(map(str, size))}")
+    if "std" in overrides and not all(v > 0 for v in overrides["std"]):
+        raise ProbeError(f"--std must be positive for every channel, got {','.join(map(str, overrides['std']))}")
+    if query is not None and not re.fullmatch(r"\s*(\d+)\s*[,xX]\s*(\d+)\s*", query):
+        raise ProbeError(f"--query {query!r} must be ROW,COL (two non-negative integers), e.g. --query 7,7")
 
 
 def _parse_query(text: Optional[str], geometry) -> Optional[int]:
@@ -75,7 +125,7 @@ def analyze(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     amp: bool = typer.Option(False, "--amp", help="bf16 autocast on CUDA"),
     seed: int = typer.Option(0, "--seed"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder; default reports/<model>-<timestamp>/"),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="output folder; default reports/<model>-<timestamp>/"),
     prefix_tokens: Optional[int] = typer.Option(None, "--prefix-tokens", help="number of prefix tokens (class, distillation, registers)"),
     grid: Optional[str] = typer.Option(None, "--grid", help="patch grid ROWSxCOLS"),
     patch_size: Optional[float] = typer.Option(None, "--patch-size", help="pixels per token"),
@@ -111,7 +161,14 @@ def analyze(
             vals = _parse_floats(text, channels, f"--{key}")
             if vals is not None:
                 overrides[key] = vals
-        out_dir = out or Path("reports") / f"{_safe_name(model or 'cordonnier')}-{time.strftime('%Y%m%d-%H%M%S')}"
+        from .result import check_output_dir
+
+        out_dir = check_output_dir(out if out is not None else
+                                   Path("reports") / f"{_safe_name(model or 'cordonnier')}-{time.strftime('%Y%m%d-%H%M%S')}")
+        _check_options(num_images=num_images, batch_size=batch_size, attribution_images=attribution_images,
+                       patch_size=patch_size, null_seeds=null_seeds, null_images=null_images,
+                       local_radius=local_radius, conv_level=conv_level, kernel_size=kernel_size,
+                       overrides=overrides, query=query)
         with Progress(TextColumn("[bold]images"), BarColumn(), MofNCompleteColumn(),
                       TimeRemainingColumn(), console=console, transient=False) as bar:
             task = bar.add_task("images", total=None)
@@ -137,8 +194,9 @@ def analyze(
                 console.print(f"[yellow]warning:[/] {w.message}")
         report = result.write_report(out_dir, query=_parse_query(query, result.geometry))
     except ProbeError as e:
-        console.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2)
+        raise _fail(str(e))
+    except KeyboardInterrupt:
+        raise _interrupted()
     _summary(result)
     console.print(f"report: {report}\nheads table: {report.parent / 'heads.csv'}")
 
@@ -207,8 +265,9 @@ def train(
 
             summary = run_train(cfg, progress)
     except ProbeError as e:
-        console.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2)
+        raise _fail(str(e))
+    except KeyboardInterrupt:
+        raise _interrupted()
     acc = summary.get("test_accuracy")
     state = "finished" if summary["finished"] else "stopped (run the same command to resume)"
     console.print(f"{state} at step {summary['steps']}/{summary['total_steps']}, {summary['wall_s']:.0f} s"

@@ -244,22 +244,37 @@ def _import_module(mod_name: str, spec: str) -> Any:
         sys.modules[path.stem] = mod
         try:
             loader_spec.loader.exec_module(mod)
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # a module that raises, or calls sys.exit(), at import
             del sys.modules[path.stem]
-            raise ProbeError(f"cannot import {mod_name!r} for --model {spec!r} ({_short(e)})") from None
+            raise ProbeError(f"cannot import {mod_name!r} for --model {spec!r} ({_import_failure(e)})") from None
         return mod
     try:
-        return importlib.import_module(mod_name)
-    except ModuleNotFoundError as e:
-        top = mod_name.split(".")[0]
-        cwd = os.getcwd()
-        if e.name != top or cwd in sys.path:
-            raise
-        sys.path.insert(0, cwd)
         try:
             return importlib.import_module(mod_name)
-        finally:
-            sys.path.remove(cwd)
+        except ModuleNotFoundError as e:
+            top = mod_name.split(".")[0]
+            cwd = os.getcwd()
+            if e.name != top or cwd in sys.path:
+                raise
+            sys.path.insert(0, cwd)
+            try:
+                return importlib.import_module(mod_name)
+            finally:
+                sys.path.remove(cwd)
+    except ImportError:
+        raise
+    except (Exception, SystemExit) as e:  # raised while executing the module: syntax error, sys.exit(), ...
+        raise ProbeError(f"cannot import {mod_name!r} for --model {spec!r}: the module failed while it was "
+                         f"imported ({_import_failure(e)}); fix the module") from None
+
+
+def _import_failure(e: BaseException) -> str:
+    """One-line description of why a user module could not be imported."""
+    if isinstance(e, SystemExit):
+        return f"it called sys.exit({e.code!r}) at import"
+    if isinstance(e, SyntaxError):
+        return f"SyntaxError: {e.msg} at {Path(e.filename or '?').name} line {e.lineno}"
+    return _short(e)
 
 
 def _import_factory(spec: str) -> Callable[..., nn.Module]:

@@ -57,7 +57,7 @@ class AnalysisResult:
         """
         from .report.render import render_report
 
-        out = Path(out_dir)
+        out = check_output_dir(out_dir)
         grids = {s.geometry.grid for s in self.stats.values()}
         if query is None and len(grids) > 1:  # layers on different grids (Swin stages): own centres
             maps = self.center_maps(None)
@@ -79,10 +79,146 @@ class AnalysisResult:
             "images.txt": "\n".join(self.meta.get("image_names", [])) + "\n",
             "report.html": html,
         }
-        out.mkdir(parents=True, exist_ok=True)
-        for name, text in files.items():
-            atomic_write_text(out / name, text)
+        write_output_set(out, files)
         return out / "report.html"
+
+
+#: The file in every output folder probe writes, listing the files of the set.
+MARKER = ".probe-output.json"
+
+
+def check_output_dir(out_dir: Any) -> Path:
+    """Check, before any work starts, that ``out_dir`` can receive probe's output set.
+
+    Refused: a non-path or empty path; an existing regular file; a path under a regular file; a
+    place where no folder can be created (read-only mount, ``/proc``, no permission — tested by
+    creating and removing a temporary folder beside it); an existing folder holding files probe
+    did not write (a folder written by an earlier probe run, listed in its ``.probe-output.json``,
+    or an empty folder, may be replaced).
+
+    Returns:
+        ``out_dir`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ProbeError: naming the problem and the fix.
+    """
+    from .errors import ProbeError
+
+    if isinstance(out_dir, bool) or not isinstance(out_dir, (str, os.PathLike)):
+        raise ProbeError(f"the output folder must be a path (str or pathlib.Path), got {type(out_dir).__name__}")
+    if not str(os.fspath(out_dir)).strip():
+        raise ProbeError("the output folder (--out) is empty; pass a folder path, e.g. --out reports/run1")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ProbeError(f"--out {str(out)!r} is an existing file, not a folder; pass a folder path")
+    anc = out
+    while not anc.exists():
+        if anc.parent == anc:
+            break
+        anc = anc.parent
+    if anc.exists() and not anc.is_dir():
+        raise ProbeError(f"--out {str(out)!r} lies under {str(anc)!r}, which is a file; pass a folder path")
+    probe_dir = anc if anc != out else out.parent
+    try:
+        tmp = tempfile.mkdtemp(dir=probe_dir, prefix=".probe-write-check-")
+        os.rmdir(tmp)
+    except OSError as e:
+        raise ProbeError(f"cannot write into {str(probe_dir)!r} for --out {str(out)!r} ({e.strerror or e}); "
+                         "choose a writable folder") from None
+    if out.is_dir():
+        ours = set(_marker_files(out))
+        theirs = sorted(p.name for p in out.iterdir() if p.name not in ours and p.name != MARKER)
+        if theirs:
+            shown = ", ".join(theirs[:5]) + (", ..." if len(theirs) > 5 else "")
+            raise ProbeError(f"--out {str(out)!r} already holds files probe did not write ({shown}); "
+                             "choose another folder, or empty this one")
+    return out
+
+
+def _marker_files(folder: Path) -> list[str]:
+    import json
+
+    try:
+        data = json.loads((folder / MARKER).read_text())
+        return [str(n) for n in data.get("files", [])]
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux ``renameat2(RENAME_EXCHANGE)``; False if unsupported."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    rc = fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE)
+    return rc == 0
+
+
+def write_output_set(out_dir: str | Path, files: dict[str, str]) -> None:
+    """Write ``files`` (``{name: text}``) as one set: afterwards ``out_dir`` holds either the
+    complete earlier set or the complete new one, never a mix.
+
+    The files are written and flushed into a hidden sibling folder, which then replaces
+    ``out_dir`` in one step (a new folder: ``rename``; an existing one: Linux
+    ``renameat2(RENAME_EXCHANGE)``, falling back to two renames where the file system lacks it);
+    the earlier set is then deleted. A run killed before the swap leaves ``out_dir`` as it was
+    (its hidden temporary sibling is removed by the next write to the same folder).
+
+    Raises:
+        ProbeError: as :func:`check_output_dir`, or when writing fails (e.g. the disk is full).
+    """
+    import json
+    import shutil
+
+    from .errors import ProbeError
+
+    out = check_output_dir(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{out.name}.probe-tmp-"
+    for stale in out.parent.glob(prefix + "*"):
+        try:
+            pid = int(stale.name[len(prefix):].split("-")[0])
+            os.kill(pid, 0)
+            alive = pid != os.getpid()
+        except (ValueError, ProcessLookupError):
+            alive = False
+        except PermissionError:
+            alive = True
+        if not alive:
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{prefix}{os.getpid()}-"))
+    try:
+        for name, text in {**files, MARKER: json.dumps({"files": sorted(files)}) + "\n"}.items():
+            with open(tmp / name, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        if not out.exists():
+            os.rename(tmp, out)
+        elif _exchange(tmp, out):
+            shutil.rmtree(tmp, ignore_errors=True)  # now the earlier set
+        else:  # no atomic exchange here: two renames (a crash between them leaves the new set in tmp)
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{prefix}{os.getpid()}-old-"))
+            os.rmdir(old)
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ProbeError(f"writing the report to {str(out)!r} failed ({e.strerror or e}); nothing there was "
+                         "changed — free space or choose another --out") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
