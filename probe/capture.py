@@ -208,9 +208,13 @@ def parse_layers(
         raise ProbeError(f"{who}the model has no attention layers to select")
     if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
         return list(range(num_layers))
+    if isinstance(spec, bool) or not isinstance(spec, (str, int, list, tuple, range)):
+        raise ProbeError(f"layers must be 'all', a string like '0-4' or '0,2,5', or a list of integers; got {type(spec).__name__}")
     if isinstance(spec, int):
         items: list[int] = [spec]
     elif isinstance(spec, (list, tuple, range)):
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in spec):
+            raise ProbeError(f"layers must be 'all', a string like '0-4' or '0,2,5', or a list of integers; got {list(spec)!r}")
         items = [int(x) for x in spec]
     else:
         items = []

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ProbeError
 
@@ -36,9 +37,23 @@ class ImageSet:
     items: list[Any]
     description: str
     skipped: list[str] = field(default_factory=list)
+    #: further items (seeded random order) read in place of unreadable ones, so that a
+    #: ``--num-images N`` run sees N readable images when the folder has them
+    reserve: list[Any] = field(default_factory=list)
+    #: folder that names are reported relative to (``images.txt``)
+    root: Path | None = None
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def display_name(self, name: str) -> str:
+        """``name`` relative to :attr:`root` when it lies under it (as listed in ``images.txt``)."""
+        if self.root is not None:
+            try:
+                return Path(name).resolve().relative_to(self.root.resolve()).as_posix()
+            except (ValueError, OSError):
+                pass
+        return str(name)
 
     def names(self) -> list[str]:
         """File names (or given names) of the items."""
@@ -171,12 +186,26 @@ def collect_images(
     """
     if num_images is not None and num_images < 1:
         raise ProbeError(f"--num-images must be at least 1, got {num_images}")
+    if isinstance(images, Image.Image):
+        images = [images]
+    if isinstance(images, np.ndarray):
+        images = _arrays_to_pil(images)
+    root = None
     if images is None:
         found = default_images(input_side, seed=seed)
-    elif isinstance(images, (list, tuple)) and images and isinstance(images[0], Image.Image):
+    elif isinstance(images, (list, tuple)) and images and all(isinstance(i, Image.Image) for i in images):
         found = ImageSet([(f"image_{i}", im) for i, im in enumerate(images)], f"{len(images)} in-memory images")
     else:
-        sources = [images] if isinstance(images, (str, Path)) else list(images)
+        sources = [images] if isinstance(images, (str, Path)) else list(images) if isinstance(images, (list, tuple)) else None
+        if not sources or not all(isinstance(x, (str, Path)) and str(x) for x in sources):
+            kinds = sorted({type(x).__name__ for x in sources}) if sources else [type(images).__name__]
+            raise ProbeError(
+                f"images must be a folder, file or glob, a list of paths, a list of PIL images, a NumPy "
+                f"array or a tensor; got {' and '.join(kinds)}"
+                + (" mixed in one list: pass paths or PIL images, not both" if sources and len(kinds) > 1 else "")
+            )
+        if len(sources) == 1 and Path(sources[0]).is_dir():
+            root = Path(sources[0])
         paths: list[Path] = []
         for s in sources:
             paths.extend(_expand(s))
@@ -186,18 +215,54 @@ def collect_images(
                 f"file or glob with {', '.join(sorted(IMAGE_SUFFIXES)[:5])}, ... files"
             )
         desc = ", ".join(map(str, sources))
-        found = ImageSet(list(paths), desc)
+        found = ImageSet(list(paths), desc, root=root)
     if num_images is not None and num_images < len(found.items):
-        idx = sorted(random.Random(seed).sample(range(len(found.items)), num_images))
-        found = ImageSet([found.items[i] for i in idx], found.description)
+        order = random.Random(seed).sample(range(len(found.items)), len(found.items))
+        idx = sorted(order[:num_images])
+        found = ImageSet([found.items[i] for i in idx], found.description,
+                         reserve=[found.items[i] for i in order[num_images:]], root=found.root)
     return found
 
 
-def _open(item: Any, mode: str) -> Image.Image:
+def _arrays_to_pil(arr: np.ndarray) -> list[Image.Image]:
+    """A uint8 image array ``(H, W)``, ``(H, W, C)`` or ``(N, H, W, C)`` as PIL images."""
+    a = np.asarray(arr)
+    if a.dtype != np.uint8 or a.ndim not in (2, 3, 4) or (a.ndim >= 3 and a.shape[-1] not in (1, 3, 4)):
+        raise ProbeError(f"a NumPy image array must be uint8 (H, W), (H, W, C) or (N, H, W, C) with C in 1, 3, 4; "
+                         f"got {a.dtype} {a.shape}; for transformed float input pass a torch tensor (N, C, H, W)")
+    if a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (1, 3, 4) and a.shape[0] > 4):
+        a = a[None]
+    return [Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x) for x in a]
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit and 32-bit grayscale (``I;16*``, ``I``, ``F``) scaled to 8 bits instead of clipped."""
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode == "F" and np.nanmax(a) <= 1.0:
+            a = a * 255.0
+        elif im.mode.startswith("I;16") or np.nanmax(a) > 255:
+            a = a / 257.0  # 0..65535 -> 0..255
+        return Image.fromarray(np.clip(np.nan_to_num(a), 0, 255).round().astype(np.uint8), "L")
+    return im
+
+
+def decode_image(item: Any, mode: str) -> Image.Image:
+    """The one decoding path: open, apply EXIF orientation (``ImageOps.exif_transpose``, as photo
+    viewers do), scale 16/32-bit grayscale to 8 bits, convert to ``mode``.
+
+    Raises:
+        OSError / ValueError / ``PIL.Image.DecompressionBombError`` for files that cannot be read
+        (callers skip them).
+    """
     if isinstance(item, tuple):
-        return item[1].convert(mode)
+        return _to_8bit(item[1]).convert(mode)
     with Image.open(item) as im:
-        return im.convert(mode)
+        im = ImageOps.exif_transpose(im)
+        return _to_8bit(im).convert(mode)
+
+
+_open = decode_image
 
 
 def iter_batches(
@@ -218,13 +283,22 @@ def iter_batches(
     buf: list[torch.Tensor] = []
     names: list[str] = []
     n_ok = 0
-    for item in images.items:
+    wanted = len(images.items)
+    pending = list(images.items)
+    reserve = list(images.reserve)
+    while pending or (reserve and n_ok < wanted):
+        item = pending.pop(0) if pending else reserve.pop(0)
+        if n_ok >= wanted:
+            break
         name = str(item[0]) if isinstance(item, tuple) else str(item)
         try:
-            img = _open(item, mode)
-        except (UnidentifiedImageError, OSError, ValueError) as e:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = _open(item, mode)
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
+                Image.DecompressionBombWarning, SyntaxError) as e:
             images.skipped.append(name)
-            warnings.warn(f"skipping unreadable image {name}: {e}", stacklevel=2)
+            warnings.warn(f"skipping unreadable image {name}: {' '.join(str(e).split())[:200]}", stacklevel=2)
             continue
         buf.append(transform(img))
         names.append(name)

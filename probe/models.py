@@ -148,9 +148,11 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         ProbeError: if the file is missing, is not a checkpoint, or holds pickled code.
     """
     p = Path(path)
+    if p.is_dir():
+        raise ProbeError(f"--weights {str(p)!r} is a folder, not a checkpoint file; pass the .safetensors or .pth file in it")
     if not p.is_file():
         raise ProbeError(f"weights file {str(p)!r} not found; pass an existing --weights FILE")
-    if p.suffix == ".safetensors":
+    if p.suffix.lower() == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -175,11 +177,21 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
             break
+    if isinstance(sd, dict) and sd and not any(isinstance(v, torch.Tensor) for v in sd.values()):
+        kinds = ", ".join(sorted({type(v).__name__ for v in sd.values()}))
+        raise ProbeError(f"weights file {str(p)!r} holds no tensors (only {kinds}); "
+                         "save a state_dict with torch.save(model.state_dict(), f) or safetensors")
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ProbeError(
             f"weights file {str(p)!r} does not hold a state_dict of tensors; "
             "save one with torch.save(model.state_dict(), f) or safetensors"
         )
+    ints = sorted(k for k, v in sd.items() if not (v.is_floating_point() or v.is_complex())
+                  and k.rsplit(".", 1)[-1] in ("weight", "bias"))
+    if ints:
+        dtypes = ", ".join(sorted({str(sd[k].dtype).replace("torch.", "") for k in ints}))
+        raise ProbeError(f"weights file {str(p)!r} has integer-typed weights ({dtypes}, e.g. {ints[0]}): "
+                         "quantised checkpoints are not supported; pass the float weights")
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd

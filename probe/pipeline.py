@@ -130,13 +130,16 @@ def analyze(
         ProbeError: for any bad input (model, weights, layers, images, device, geometry).
     """
     t0 = time.perf_counter()
+    _check_arguments(model, images, batch_size=batch_size, num_images=num_images, n_bootstrap=n_bootstrap,
+                     seed=seed, null_seeds=null_seeds, null_images=null_images,
+                     attribution_images=attribution_images, ig_steps=ig_steps, data_overrides=data_overrides)
+    if isinstance(images, torch.Tensor) and images.dtype == torch.float64:
+        images = images.float()
     dev = resolve_device(device)
     if null_layers not in ("candidates", "all"):
         raise ProbeError(f"unknown --null-layers {null_layers!r}; use candidates or all")
     if attribution not in ("none", "ig", "ablation", "both"):
         raise ProbeError(f"unknown --attribution {attribution!r}; use ig, ablation, both or none")
-    if batch_size < 1:
-        raise ProbeError(f"--batch-size must be at least 1, got {batch_size}")
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(
         model, weights=weights, random_init=random_init, seed=seed
     )
@@ -219,7 +222,7 @@ def analyze(
         "num_images": done,
         "num_skipped": len(image_set.skipped),
         "skipped": list(image_set.skipped),
-        "image_names": [Path(n).name for n in names],
+        "image_names": [image_set.display_name(n) if isinstance(image_set, ImageSet) else n for n in names],
         "layers": [l.index for l in selected],
         "layer_names": {l.index: l.name for l in selected},
         "num_attention_layers": len(all_layers),
@@ -289,6 +292,56 @@ def analyze(
             meta["attribution_skipped"] = reason
     meta["runtime_s"] = time.perf_counter() - t0
     return result
+
+
+def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProbeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ProbeError(f"{name} must be at least {minimum}, got {value}")
+
+
+def _check_arguments(model: Any, images: Any, *, batch_size: Any, num_images: Any, n_bootstrap: Any, seed: Any,
+                     null_seeds: Any, null_images: Any, attribution_images: Any, ig_steps: Any,
+                     data_overrides: Any) -> None:
+    """The library's arguments checked before any work (the CLI's checks, as ``ProbeError``)."""
+    import math
+
+    if model is not None and not isinstance(model, (str, nn.Module, ResolvedModel)):
+        raise ProbeError(f"model must be a name (str), an nn.Module or None for the embedded model; got "
+                         f"{type(model).__name__}")
+    if isinstance(model, str) and not model.strip():
+        raise ProbeError("model is an empty string; pass a model name, or None for the embedded model")
+    _check_int("batch_size", batch_size, 1)
+    _check_int("num_images", num_images, 1, optional=True)
+    _check_int("n_bootstrap", n_bootstrap, 0)
+    _check_int("seed", seed, 0)
+    _check_int("null_seeds", null_seeds, 0)
+    _check_int("null_images", null_images, 1)
+    _check_int("attribution_images", attribution_images, 1)
+    _check_int("ig_steps", ig_steps, 1)
+    if isinstance(images, torch.Tensor) and not images.is_floating_point():
+        raise ProbeError(f"an image tensor must hold transformed float images (N, C, H, W), got {images.dtype}; "
+                         "pass file paths or PIL images to have probe apply the model's transform")
+    if data_overrides is not None:
+        if not isinstance(data_overrides, dict):
+            raise ProbeError(f"data_overrides must be a dict, got {type(data_overrides).__name__}")
+        size = data_overrides.get("input_size")
+        if size is not None and (not isinstance(size, (tuple, list)) or len(size) != 3
+                                 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)):
+            raise ProbeError(f"data_overrides['input_size'] must be three positive integers (C, H, W), got {size!r}")
+        for key in ("mean", "std"):
+            vals = data_overrides.get(key)
+            if vals is None:
+                continue
+            try:
+                vals = [float(v) for v in vals]
+            except (TypeError, ValueError):
+                raise ProbeError(f"data_overrides[{key!r}] must be a sequence of numbers, got {vals!r}") from None
+            if not all(math.isfinite(v) for v in vals) or (key == "std" and not all(v > 0 for v in vals)):
+                raise ProbeError(f"data_overrides[{key!r}] must be finite{' and positive' if key == 'std' else ''}, got {vals}")
 
 
 def _random_init_scores(resolved: ResolvedModel, image_set: ImageSet | TensorImages, layers: list[int],

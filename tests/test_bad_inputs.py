@@ -210,3 +210,100 @@ def test_float_options_refuse_non_finite(values):
     except ProbeError:
         return
     assert out is not None and all(math.isfinite(v) for v in out) and len(out) == 3
+
+
+# -- the library raises ProbeError with the same messages ------------------------------------
+def _tiny_images(n=2):
+    import torch
+
+    return torch.randn(n, 3, 32, 32)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"model": 3}, "model must be a name"),
+    ({"batch_size": "16"}, "batch_size must be an integer"),
+    ({"num_images": 2.5}, "num_images must be an integer"),
+    ({"layers": ["a"]}, "list of integers"),
+    ({"n_bootstrap": -1}, "n_bootstrap must be at least 0"),
+    ({"data_overrides": {"input_size": (3, 224)}}, "three positive integers"),
+    ({"data_overrides": {"std": (0, 1, 1)}}, "finite and positive"),
+    ({"images": [Path("a.jpg"), __import__("PIL.Image").Image.new("RGB", (8, 8))]}, "mixed in one list"),
+    ({"images": __import__("torch").zeros(2, 3, 32, 32, dtype=__import__("torch").uint8)}, "float images"),
+])
+def test_library_bad_arguments(kwargs, needle):
+    args = {"model": None, "images": _tiny_images(), "attribution": "none", "conv_test": False, **kwargs}
+    model = args.pop("model")
+    with pytest.raises(ProbeError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        probe.analyze(model, **args)
+
+
+def test_library_accepts_natural_inputs():
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    for images in (img, np.asarray(img), np.stack([np.asarray(img)] * 2), _tiny_images().double()):
+        res = probe.analyze(None, images, attribution="none", conv_test=False, fits=False, n_bootstrap=0)
+        assert res.meta["num_images"] in (1, 2)
+
+
+# -- images: one decoding path that never aborts the run -------------------------------------
+def test_images_bombs_16bit_exif_refill_and_relative_names(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "data"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(root / cls / f"{i:04d}.png")
+    # a decompression bomb: a PNG header claiming far more pixels than PIL allows
+    big = Image.new("1", (15000, 15000))
+    big.save(root / "a" / "bomb.png")
+    (root / "b" / "broken.jpg").write_bytes(b"not an image")
+    # 16-bit grayscale: mid-grey must stay mid-grey, not clip to white
+    g16 = np.full((32, 32), 32768, np.uint16)
+    Image.fromarray(g16).save(root / "b" / "grey16.png")
+    from probe.data import collect_images, decode_image
+
+    assert np.asarray(decode_image(root / "b" / "grey16.png", "L")).mean() == pytest.approx(127.5, abs=1)
+    # EXIF orientation 6 (rotate 90° clockwise to view): a 40x20 stored image is shown 20x40
+    ex = Image.new("RGB", (40, 20))
+    exif = ex.getexif()
+    exif[0x0112] = 6
+    ex.save(root / "a" / "exif.jpg", exif=exif)
+    assert decode_image(root / "a" / "exif.jpg", "RGB").size == (20, 40)
+    # --num-images N: N readable images even when some of the drawn ones are unreadable
+    for seed in range(6):
+        res = probe.analyze(None, root, num_images=7, seed=seed, attribution="none", conv_test=False,
+                            fits=False, n_bootstrap=0)
+        names = res.meta["image_names"]
+        assert res.meta["num_images"] == 7 and len(names) == 7
+        assert all("/" in n and not n.startswith("/") for n in names)  # relative to the --images root
+        assert all((root / n).is_file() for n in names)
+    assert collect_images(root, 7, seed=0).items != collect_images(root, 7, seed=1).items
+
+
+# -- weights ---------------------------------------------------------------------------------
+def test_weights_files_that_cannot_be_analysed(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from probe.cordonnier import build
+    from probe.models import load_state_dict
+
+    sd = build().state_dict()
+    save_file({k: (v * 100).to(torch.int8) for k, v in sd.items()}, str(tmp_path / "q.safetensors"))
+    with pytest.raises(ProbeError, match="integer-typed weights"):
+        load_state_dict(tmp_path / "q.safetensors")
+    save_file(sd, str(tmp_path / "w.SAFETENSORS"))
+    assert load_state_dict(tmp_path / "w.SAFETENSORS").keys() == sd.keys()
+    torch.save({"epoch": 3, "note": "hi"}, tmp_path / "meta.pth")
+    with pytest.raises(ProbeError, match="holds no tensors"):
+        load_state_dict(tmp_path / "meta.pth")
+    with pytest.raises(ProbeError, match="is a folder"):
+        load_state_dict(tmp_path)
+    line = _one_error(runner.invoke(app, ["analyze", "--model", "probe.cordonnier:build", "--weights",
+                                          str(tmp_path / "q.safetensors")]))
+    assert "integer-typed" in line
