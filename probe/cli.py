@@ -99,6 +99,15 @@ def _check_options(*, num_images, batch_size, attribution_images, patch_size, nu
         raise ProbeError(f"--query {query!r} must be ROW,COL (two non-negative integers), e.g. --query 7,7")
 
 
+def _query_pair(text: Optional[str]) -> Optional[tuple[int, int]]:
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*[,xX]\s*(\d+)\s*", text)
+    if not m:
+        raise ProbeError(f"--query {text!r} must be ROW,COL (two non-negative integers), e.g. --query 7,7")
+    return int(m.group(1)), int(m.group(2))
+
+
 def _parse_query(text: Optional[str], geometry) -> Optional[int]:
     if text is None:
         return None
@@ -188,11 +197,12 @@ def analyze(
                                                level=conv_level, seed=seed, calibration=conv_calibration),
                     null_seeds=null_seeds, null_images=null_images, null_layers=null_layers,
                     attribution=attribution, attribution_images=attribution_images,
+                    query=_query_pair(query),
                 )
         for w in caught:
             if "unreadable image" in str(w.message):
                 console.print(f"[yellow]warning:[/] {w.message}")
-        report = result.write_report(out_dir, query=_parse_query(query, result.geometry))
+        report = result.write_report(out_dir)
     except ProbeError as e:
         raise _fail(str(e))
     except KeyboardInterrupt:

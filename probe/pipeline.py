@@ -77,6 +77,7 @@ def analyze(
     attribution: str = "ig",
     attribution_images: int = 16,
     ig_steps: int = 16,
+    query: tuple[int, int] | None = None,
     _geometries: dict | None = None,
 ) -> AnalysisResult:
     """Analyse the attention heads of ``model`` on ``images``.
@@ -119,6 +120,9 @@ def analyze(
             skipped with a reason in ``meta["attribution_skipped"]`` for families without gates.
         attribution_images: the first N analysed images are attributed.
         ig_steps: integration steps of integrated gradients.
+        query: ``(row, col)`` of the query patch whose mean attention map the report shows
+            (CLI ``--query ROW,COL``); checked against the patch grid before any image is read;
+            default the central patch.
         _geometries: internal: ``{layer index: TokenGeometry}`` of an analysed model, reused
             (instead of a dry run) for its random-init copies.
 
@@ -172,6 +176,8 @@ def analyze(
     else:
         geometries = infer_geometries(net, selected, input_shape, prefix_tokens, grid, patch_size, resolved.name)
     geometry = geometries[selected[0].index]
+    if query is not None:
+        _check_query(query, geometry)
 
     reducers = {l.index: LayerReducer(l.index, geometries[l.index], n_bootstrap, seed) for l in selected}
 
@@ -248,6 +254,7 @@ def analyze(
         "early_exit": bool(capture.armed),
         "seed": seed,
         "n_bootstrap": n_bootstrap,
+        "query": list(query) if query is not None else None,
         "versions": _versions(),
         "runtime_s": time.perf_counter() - t0,
     }
@@ -292,6 +299,17 @@ def analyze(
             meta["attribution_skipped"] = reason
     meta["runtime_s"] = time.perf_counter() - t0
     return result
+
+
+def _check_query(query: Any, geometry) -> int:
+    """Patch index of ``query`` ``(row, col)`` inside the patch grid (ProbeError otherwise)."""
+    rows, cols = geometry.grid
+    ok = (isinstance(query, (tuple, list)) and len(query) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in query))
+    if not ok or not (0 <= query[0] < rows and 0 <= query[1] < cols):
+        raise ProbeError(f"query {query!r} must be (row, col) inside the {rows}x{cols} patch grid "
+                         f"(--query ROW,COL with 0 <= ROW < {rows}, 0 <= COL < {cols})")
+    return int(query[0]) * cols + int(query[1])
 
 
 def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:

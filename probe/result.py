@@ -46,7 +46,7 @@ class AnalysisResult:
         """
         return {l: s.center_map(query).numpy() for l, s in self.stats.items()}
 
-    def write_report(self, out_dir: str | Path, query: int | None = None) -> Path:
+    def write_report(self, out_dir: str | Path, query: tuple[int, int] | int | None = None) -> Path:
         """Write ``report.html``, ``heads.csv``, ``layers.csv`` and ``images.txt`` to ``out_dir``.
 
         Everything is rendered in memory first and each file is written atomically
@@ -58,6 +58,17 @@ class AnalysisResult:
         from .report.render import render_report
 
         out = check_output_dir(out_dir)
+        if query is None and self.meta.get("query") is not None:
+            query = tuple(self.meta["query"])
+        if isinstance(query, (tuple, list)):
+            from .pipeline import _check_query
+
+            query = _check_query(tuple(query), self.geometry)
+        elif query is not None and (isinstance(query, bool) or not isinstance(query, int)
+                                    or not 0 <= query < self.geometry.num_patches):
+            from .errors import ProbeError
+
+            raise ProbeError(f"query must be (row, col) or a patch index below {self.geometry.num_patches}, got {query!r}")
         grids = {s.geometry.grid for s in self.stats.values()}
         if query is None and len(grids) > 1:  # layers on different grids (Swin stages): own centres
             maps = self.center_maps(None)

@@ -307,3 +307,21 @@ def test_weights_files_that_cannot_be_analysed(tmp_path):
     line = _one_error(runner.invoke(app, ["analyze", "--model", "probe.cordonnier:build", "--weights",
                                           str(tmp_path / "q.safetensors")]))
     assert "integer-typed" in line
+
+
+def test_a_query_outside_the_grid_fails_before_the_images_are_read(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        (tmp_path / "imgs" / f"{i}.jpg").write_bytes(b"never decoded")
+    import probe.data
+
+    def boom(*a, **k):
+        raise AssertionError("an image was decoded")
+
+    monkeypatch.setattr(probe.data, "_open", boom)
+    line = _one_error(runner.invoke(app, ["analyze", "--images", "imgs", "--query", "40,3"]))
+    assert "inside the 16x16 patch grid" in line
+    assert listing(tmp_path) == ["imgs"]
+    with pytest.raises(ProbeError, match="patch grid"):
+        probe.analyze(None, _tiny_images(), query=(3, 99))
