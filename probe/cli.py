@@ -35,8 +35,17 @@ def _interrupted() -> "typer.Exit":
     return typer.Exit(130)
 
 
-@app.callback()
-def main() -> None:
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"probe {version('probe')}")
+        raise typer.Exit()
+
+
+@app.callback(context_settings={"help_option_names": ["-h", "--help"]})
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="print the version and exit")) -> None:
     """Analyse the attention heads of trained vision transformers."""
 
 

@@ -35,6 +35,29 @@ class AnalysisResult:
     meta: dict[str, Any]
     extras: dict[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        m = self.meta
+        cl = self.extras.get("convlike")
+        verdict = f", conv test: {cl.summary().split('.')[0]}" if cl is not None else ""
+        return (f"AnalysisResult(model={m.get('model')!r}, weights={m.get('weights')!r}, "
+                f"images={m.get('num_images')}, layers={len(self.layers)}, heads={len(self.heads)}{verdict})")
+
+    def _repr_html_(self) -> str:
+        """Notebook view: model, images, a per-layer table and the verdicts (not the full tables)."""
+        import html
+
+        m = self.meta
+        cols = [c for c in ("layer", "heads", "mean_distance_px", "uniform_distance_px", "entropy_nats",
+                            "conv_n_local", "conv_n_taps", "conv_verdict", "conv_verdict_stability")
+                if c in self.layers]
+        table = self.layers[cols].to_html(index=False, border=0, float_format=lambda x: f"{x:.3g}", na_rep="–")
+        cl = self.extras.get("convlike")
+        verdict = f"<p>{html.escape(cl.summary())}</p>" if cl is not None else ""
+        return (f"<div><b>probe AnalysisResult</b>: {html.escape(str(m.get('model')))} "
+                f"(weights: {html.escape(str(m.get('weights')))}), {m.get('num_images')} images "
+                f"({html.escape(str(m.get('images')))}){verdict}{table}"
+                "<p><code>.heads</code>, <code>.layers</code>: DataFrames; <code>.write_report(dir)</code></p></div>")
+
     def center_maps(self, query: int | None = None) -> dict[int, np.ndarray]:
         """Mean attention map of one patch query per layer.
 
