@@ -14,7 +14,7 @@ def test_short_repr_and_html_repr():
     text = repr(res)
     assert text.startswith("AnalysisResult(model='cordonnier'") and len(text) < 400
     page = res._repr_html_()
-    assert "<table" in page and page.count("<tr>") == len(res.layers) + 1
+    assert "<table" in page and page.count("<tr") == len(res.layers) + 1
     assert "conv_verdict" in page and len(page) < 10_000
 
 
