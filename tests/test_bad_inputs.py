@@ -325,3 +325,32 @@ def test_a_query_outside_the_grid_fails_before_the_images_are_read(tmp_path, mon
     assert listing(tmp_path) == ["imgs"]
     with pytest.raises(ProbeError, match="patch grid"):
         probe.analyze(None, _tiny_images(), query=(3, 99))
+
+
+def test_ctrl_c_prints_interrupted_exits_130_and_leaves_no_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    import probe.pipeline
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(probe.pipeline, "analyze", interrupted)
+    res = runner.invoke(app, ["analyze", "--out", "run"])
+    assert res.exit_code == 130 and "interrupted" in res.output and "Traceback" not in res.output
+    assert listing(tmp_path) == []
+    # interrupted while the output set is written: the folder is not created, no temporary remains
+    import probe.result
+
+    real = probe.result.os.fsync
+    calls = {"n": 0}
+
+    def fsync(fd):
+        real(fd)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(probe.result.os, "fsync", fsync)
+    with pytest.raises(KeyboardInterrupt):
+        write_output_set(tmp_path / "run", {"a.txt": "a", "b.txt": "b"})
+    assert listing(tmp_path) == []
