@@ -3,17 +3,38 @@
 Library use::
 
     import probe
+    result = probe.analyze()            # the embedded attention-only CIFAR-10 model, no download
     result = probe.analyze("deit_tiny", "photos/", weights="deit_tiny.safetensors", layers="0-4")
     result.heads            # pandas DataFrame, one row per (layer, head)
     result.write_report("reports/deit")   # report.html + heads.csv
+
+``import probe`` is light (no torch until an analysis runs, so ``probe --help`` answers at once);
+the public names below are loaded on first use.
 """
 
 __version__ = "0.1.0"
 
 from .errors import CaptureError, ProbeError  # noqa: E402
-from . import families  # noqa: E402,F401  (registers the family capture rules)
-from .geometry import TokenGeometry  # noqa: E402
-from .pipeline import analyze  # noqa: E402
-from .result import AnalysisResult  # noqa: E402
+
+_LAZY = {
+    "analyze": ("pipeline", "analyze"),
+    "AnalysisResult": ("result", "AnalysisResult"),
+    "TokenGeometry": ("geometry", "TokenGeometry"),
+}
+_SUBMODULES = {"track", "plot", "cordonnier", "families", "capture", "analyses", "pipeline", "result",
+               "models", "data", "geometry", "attribution", "conv_equivalence", "steps", "tables", "report"}
 
 __all__ = ["analyze", "AnalysisResult", "TokenGeometry", "ProbeError", "CaptureError", "__version__"]
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _LAZY:
+        mod, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{mod}", __name__), attr)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'probe' has no attribute {name!r}")

@@ -150,6 +150,9 @@ def gateable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
         ``[(qualified name, module), ...]``; position ``i`` in this list is "layer ``i``" for
         every function of this module (for a timm ViT, block ``i``).
     """
+    from .capture import _ensure_families  # the families register their gates with their rules
+
+    _ensure_families()
     return [(n, m) for n, m in model.named_modules() if type(m) in _REGISTRY]
 
 

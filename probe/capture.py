@@ -114,15 +114,26 @@ _RULES: list[CaptureRule] = [TimmAttentionRule()]
 
 
 def register_rule(rule: CaptureRule, first: bool = True) -> None:
-    """Add a capture rule; by default it is tried before the existing ones."""
+    """Add a capture rule; by default it is tried before the existing ones (the built-in families
+    are registered first, so a user's rule is tried before them)."""
+    _ensure_families()
     if first:
         _RULES.insert(0, rule)
     else:
         _RULES.append(rule)
 
 
+def _ensure_families() -> None:
+    """Register the model families' capture rules (:mod:`probe.families`) on first use, so that
+    importing :mod:`probe` stays light."""
+    import importlib
+
+    importlib.import_module("probe.families")
+
+
 def rules() -> list[CaptureRule]:
     """The registered capture rules, in the order they are tried."""
+    _ensure_families()
     return list(_RULES)
 
 
@@ -134,11 +145,13 @@ _FALLBACKS: list[Fallback] = []
 
 def register_fallback(finder: Fallback) -> None:
     """Add a fallback layer finder, used only for models in which no capture rule matches a module."""
+    _ensure_families()
     _FALLBACKS.append(finder)
 
 
 def describe_rules() -> str:
     """The names of the registered rules and fallbacks, for error messages."""
+    _ensure_families()
     names = [r.name for r in _RULES] + [getattr(f, "label", getattr(f, "__name__", "fallback")) for f in _FALLBACKS]
     return ", ".join(names)
 
@@ -170,6 +183,7 @@ def find_attention_layers(model: nn.Module, input_shape: tuple[int, int, int] | 
     Returns:
         The layers, numbered from 0.
     """
+    _ensure_families()
     found: list[AttentionLayer] = []
     taken: list[str] = []
     for qname, mod in model.named_modules():

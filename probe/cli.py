@@ -133,37 +133,37 @@ def _safe_name(name: str) -> str:
 
 @app.command()
 def analyze(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="default: probe's embedded attention-only CIFAR-10 model (Cordonnier et al. 2020; no download); or a timm name or alias (vit_small, deit_tiny, ...), package.module:factory, or hf:FOLDER / hf:ORG/NAME (Hugging Face)"),
-    weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="local checkpoint: .safetensors, or .pth/.pt read with weights_only=True"),
-    random_init: bool = typer.Option(False, "--random-init", help="analyse untrained weights (explicit opt-in)"),
-    images: Optional[str] = typer.Option(None, "--images", "-i", help="folder, file or glob; default: scikit-learn's two sample photos"),
-    layers: str = typer.Option("all", "--layers", "-l", help="'all', a range '0-4' or a list '0,2,5'"),
-    num_images: Optional[int] = typer.Option(None, "--num-images", "-n", help="analyse at most N images (seeded random subset)"),
-    batch_size: int = typer.Option(16, "--batch-size", "-b"),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
-    amp: bool = typer.Option(False, "--amp", help="bf16 autocast on CUDA"),
-    seed: int = typer.Option(0, "--seed"),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="output folder; default reports/<model>-<timestamp>/"),
-    prefix_tokens: Optional[int] = typer.Option(None, "--prefix-tokens", help="number of prefix tokens (class, distillation, registers)"),
-    grid: Optional[str] = typer.Option(None, "--grid", help="patch grid ROWSxCOLS"),
-    patch_size: Optional[float] = typer.Option(None, "--patch-size", help="pixels per token"),
-    input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W of the model input"),
-    mean: Optional[str] = typer.Option(None, "--mean", help="per-channel normalisation mean"),
-    std: Optional[str] = typer.Option(None, "--std", help="per-channel normalisation std"),
-    fits: bool = typer.Option(True, "--fits/--no-fits", help="fit each head's quadratic-encoding centre Δ and sharpness α"),
-    anisotropic: bool = typer.Option(False, "--anisotropic", help="also fit the full 2x2 covariance form"),
-    conv_test: bool = typer.Option(True, "--conv-test/--no-conv-test", help="test whether layers act like KxK convolutions"),
-    null_seeds: int = typer.Option(3, "--null-seeds", help="random-init copies for the conv test's null (0: skip)"),
-    null_images: int = typer.Option(4, "--null-images", help="images each random-init copy sees (the first analysed ones)"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="default: probe's embedded attention-only CIFAR-10 model (Cordonnier et al. 2020; no download); or a timm name or alias (vit_small, deit_tiny, ...), package.module:factory, or hf:FOLDER / hf:ORG/NAME (Hugging Face)", rich_help_panel="Model"),
+    weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="local checkpoint: .safetensors, or .pth/.pt read with weights_only=True", rich_help_panel="Model"),
+    random_init: bool = typer.Option(False, "--random-init", help="analyse untrained weights (explicit opt-in)", rich_help_panel="Model"),
+    images: Optional[str] = typer.Option(None, "--images", "-i", help="folder, file or glob; default: scikit-learn's two sample photos", rich_help_panel="Images"),
+    layers: str = typer.Option("all", "--layers", "-l", help="'all', a range '0-4' or a list '0,2,5'", rich_help_panel="Analyses"),
+    num_images: Optional[int] = typer.Option(None, "--num-images", "-n", help="analyse at most N images (seeded random subset)", rich_help_panel="Images"),
+    batch_size: int = typer.Option(16, "--batch-size", "-b", rich_help_panel="Images"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda", rich_help_panel="Images"),
+    amp: bool = typer.Option(False, "--amp", help="bf16 autocast on CUDA", rich_help_panel="Images"),
+    seed: int = typer.Option(0, "--seed", rich_help_panel="Images"),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="output folder; default reports/<model>-<timestamp>/", rich_help_panel="Output"),
+    prefix_tokens: Optional[int] = typer.Option(None, "--prefix-tokens", help="number of prefix tokens (class, distillation, registers)", rich_help_panel="Model"),
+    grid: Optional[str] = typer.Option(None, "--grid", help="patch grid ROWSxCOLS", rich_help_panel="Model"),
+    patch_size: Optional[float] = typer.Option(None, "--patch-size", help="pixels per token", rich_help_panel="Model"),
+    input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W of the model input", rich_help_panel="Model"),
+    mean: Optional[str] = typer.Option(None, "--mean", help="per-channel normalisation mean", rich_help_panel="Model"),
+    std: Optional[str] = typer.Option(None, "--std", help="per-channel normalisation std", rich_help_panel="Model"),
+    fits: bool = typer.Option(True, "--fits/--no-fits", help="fit each head's quadratic-encoding centre Δ and sharpness α", rich_help_panel="Analyses"),
+    anisotropic: bool = typer.Option(False, "--anisotropic", help="also fit the full 2x2 covariance form", rich_help_panel="Analyses"),
+    conv_test: bool = typer.Option(True, "--conv-test/--no-conv-test", help="test whether layers act like KxK convolutions", rich_help_panel="Conv test"),
+    null_seeds: int = typer.Option(3, "--null-seeds", help="random-init copies for the conv test's null (0: skip)", rich_help_panel="Conv test"),
+    null_images: int = typer.Option(4, "--null-images", help="images each random-init copy sees (the first analysed ones)", rich_help_panel="Conv test"),
     null_layers: str = typer.Option("candidates", "--null-layers",
-                                    help="layers the random-init null runs on: candidates (those it could veto) or all"),
-    local_radius: float = typer.Option(2.0, "--local-radius", help="a head is local when 90% of its attention lies within this many patches of its centre"),
-    kernel_size: Optional[int] = typer.Option(None, "--kernel-size", help="K of the KxK lattice (default sqrt(heads) if a square >= 4, else 3)"),
-    conv_level: float = typer.Option(0.01, "--conv-level", help="family-wise significance level (Holm) of the conv test"),
-    conv_calibration: str = typer.Option("taps", "--conv-calibration", help="taps (distinct local offsets around the query; default) or lattice (the unit-lattice alignment test of the first calibration)"),
-    attribution: str = typer.Option("ig", "--attribution", help="head attribution with captum: ig, ablation, both or none"),
-    attribution_images: int = typer.Option(16, "--attribution-images", help="the first N analysed images are used for the attribution"),
-    query: Optional[str] = typer.Option(None, "--query", help="query patch ROW,COL whose mean attention map the report shows (default: the central patch)"),
+                                    help="layers the random-init null runs on: candidates (those it could veto) or all", rich_help_panel="Conv test"),
+    local_radius: float = typer.Option(2.0, "--local-radius", help="a head is local when 90% of its attention lies within this many patches of its centre", rich_help_panel="Conv test"),
+    kernel_size: Optional[int] = typer.Option(None, "--kernel-size", help="K of the KxK lattice (default sqrt(heads) if a square >= 4, else 3)", rich_help_panel="Conv test"),
+    conv_level: float = typer.Option(0.01, "--conv-level", help="family-wise significance level (Holm) of the conv test", rich_help_panel="Conv test"),
+    conv_calibration: str = typer.Option("taps", "--conv-calibration", help="taps (distinct local offsets around the query; default) or lattice (the unit-lattice alignment test of the first calibration)", rich_help_panel="Conv test"),
+    attribution: str = typer.Option("ig", "--attribution", help="head attribution with captum: ig, ablation, both or none", rich_help_panel="Attribution"),
+    attribution_images: int = typer.Option(16, "--attribution-images", help="the first N analysed images are used for the attribution", rich_help_panel="Attribution"),
+    query: Optional[str] = typer.Option(None, "--query", help="query patch ROW,COL whose mean attention map the report shows (default: the central patch)", rich_help_panel="Output"),
 ) -> None:
     """Capture attention, compute per-head statistics and write report.html and heads.csv."""
     from .analyses.convlike import ConvLikeConfig
@@ -211,6 +211,9 @@ def analyze(
         for w in caught:
             if "unreadable image" in str(w.message):
                 console.print(f"[yellow]warning:[/] {w.message}")
+        import shlex
+
+        result.meta["command"] = "probe " + shlex.join(sys.argv[1:])
         report = result.write_report(out_dir)
     except ProbeError as e:
         raise _fail(str(e))

@@ -255,6 +255,11 @@ def analyze(
         "seed": seed,
         "n_bootstrap": n_bootstrap,
         "query": list(query) if query is not None else None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": _call_text(model, images, layers=layers, weights=weights, random_init=random_init,
+                              num_images=num_images, seed=seed),
+        "weights_sha256": _sha256(weights) if weights is not None else None,
+        "image_root": str(image_set.root) if isinstance(image_set, ImageSet) and image_set.root else None,
         "versions": _versions(),
         "runtime_s": time.perf_counter() - t0,
     }
@@ -299,6 +304,33 @@ def analyze(
             meta["attribution_skipped"] = reason
     meta["runtime_s"] = time.perf_counter() - t0
     return result
+
+
+def _sha256(path: Any) -> str | None:
+    import hashlib
+
+    try:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+    except OSError:
+        return None
+
+
+def _call_text(model: Any, images: Any, **kw: Any) -> str:
+    """The library call as text, for the report's provenance (the CLI replaces it by its command line)."""
+    def short(v: Any) -> str:
+        if isinstance(v, (str, Path, int, float, bool)) or v is None:
+            return repr(str(v) if isinstance(v, Path) else v)
+        if isinstance(v, (list, tuple)):
+            return f"<{len(v)} items>"
+        return f"<{type(v).__name__}>"
+
+    args = [short(model if not isinstance(model, nn.Module) else model), short(images)]
+    args += [f"{k}={short(v)}" for k, v in kw.items() if v not in (None, False)]
+    return f"probe.analyze({', '.join(args)})"
 
 
 def _check_query(query: Any, geometry) -> int:
