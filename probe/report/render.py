@@ -23,6 +23,8 @@ def _fmt(v: Any, digits: int = 3) -> str:
     if isinstance(v, (float, np.floating)):
         if np.isnan(v):
             return "–"
+        if np.isinf(v):
+            return "∞" if v > 0 else "−∞"
         return f"{v:.{digits}g}" if abs(v) >= 1e4 or (0 < abs(v) < 1e-3) else f"{v:.{digits}f}"
     return html.escape(str(v))
 
@@ -61,6 +63,8 @@ def render_report(
     }
     from .sections import build_sections
 
+    from .findings import findings
+
     sections = build_sections(heads, meta, extras) + list(extras.get("sections") or [])
     return _env().get_template("report.html.j2").render(
         meta=meta,
@@ -69,4 +73,5 @@ def render_report(
         heads_table=table_html(heads),
         query_rc=query_rc,
         sections=sections,
+        findings=findings(heads, layers, meta, extras),
     )

@@ -1,0 +1,105 @@
+"""Plain-language findings for the top of the report, generated from the results tables.
+
+Rules (each sentence names its numbers; nothing here reads tensors):
+
+* **global / local layers**: a layer whose mean attention distance is at least 85 % of the
+  uniform-attention distance is called *global*; runs of consecutive layers with the same
+  character are merged ("Layers 0–1: ...").
+* **conv test**: each conv-like layer with its distinct taps (local heads at distinct offsets
+  around the query) and their offsets ± bootstrap SE, the verdict's stability; borderline layers
+  are named as such; the model-level verdict last.
+* **depth trend**: mean attention distance of the first and last analysed layer.
+
+"Local" has two meanings in probe, named apart here: a *local head* (conv test) holds 90 % of its
+measured attention within the locality radius of its centre; the Gaussian fit's status
+``non_local`` means the fitted α is 0 or the Gaussian is wider than half the grid.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+
+def _span(layers: list[int]) -> str:
+    if len(layers) == 1:
+        return f"Layer {layers[0]}"
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return f"Layers {layers[0]}–{layers[-1]}"
+    return "Layers " + ", ".join(map(str, layers[:-1])) + f" and {layers[-1]}"
+
+
+def _num(v: float, digits: int = 1) -> str:
+    return "—" if v is None or not np.isfinite(v) else f"{v:.{digits}f}"
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def findings(heads: pd.DataFrame, layers: pd.DataFrame, meta: dict[str, Any], extras: dict[str, Any]) -> list[str]:
+    """Sentences summarising the results (module docstring), most important first."""
+    out: list[str] = []
+    if layers is None or not len(layers):
+        return out
+    t = layers.sort_values("layer")
+    ratio = t.mean_distance_px / t.uniform_distance_px
+    kind = np.where(ratio >= 0.85, "global", "mixed")
+    groups: list[tuple[str, list[int]]] = []
+    for layer, k in zip(t.layer.astype(int), kind):
+        if groups and groups[-1][0] == k and groups[-1][1][-1] == layer - 1:
+            groups[-1][1].append(layer)
+        else:
+            groups.append((k, [layer]))
+    for k, ls in groups:
+        sub = t[t.layer.isin(ls)]
+        uni = float(sub.uniform_distance_px.mean())
+        if k == "global":
+            out.append(f"{_span(ls)}: heads are global — mean attention distance {_num(sub.mean_distance_px.min())}–"
+                       f"{_num(sub.mean_distance_px.max())} px, close to uniform attention ({_num(uni)} px).")
+        else:
+            lo, hi = float(sub.min_distance_px.min()), float(sub.max_distance_px.max())
+            out.append(f"{_span(ls)}: heads range from {_num(lo)} px to {_num(hi)} px mean attention distance "
+                       f"(uniform attention: {_num(uni)} px), a mix of local and wider heads.")
+    cl = extras.get("convlike")
+    if cl is not None:
+        ct = cl.layers.set_index("layer")
+        ch = cl.heads
+        k = int(ct.conv_kernel_size.iloc[0]) if len(ct) else 3
+        for layer in cl.conv_like_layers:
+            row = ct.loc[layer]
+            h = heads[(heads.layer == layer)]
+            taps = ch[(ch.layer == layer) & (ch.conv_tap >= 0)] if "conv_tap" in ch else ch.iloc[:0]
+            offs = []
+            for _, r in h[h["head"].isin(taps["head"])].iterrows():
+                se = max(float(r.get("delta_row_se", np.nan)), float(r.get("delta_col_se", np.nan)))
+                pm = f" ± {_num(se, 2)}" if np.isfinite(se) and se > 0.005 else ""
+                offs.append(f"head {int(r['head'])} at ({_num(r.delta_row)}, {_num(r.delta_col)}){pm}")
+            stab = row.get("conv_verdict_stability", np.nan)
+            stab_txt = f"; the verdict holds in {stab:.0%} of the bootstrap replicates" if np.isfinite(stab) else ""
+            out.append(f"Layer {layer} acts like a {k}×{k} convolution: {int(row.conv_n_taps)} distinct taps around "
+                       f"the query — {_and(offs) if offs else 'see the table'} (offsets in patches, row and column)"
+                       f"{stab_txt}.")
+        border = [int(l) for l in ct.index[ct.conv_verdict == "borderline"]]
+        if border:
+            frac = ", ".join(f"layer {l}: {ct.loc[l, 'conv_like_fraction']:.0%}" for l in border)
+            out.append(f"{_span(border)}: borderline — whether conv-like depends on the sample of images "
+                       f"(conv-like in {frac} of the bootstrap replicates).")
+        loc = [int(l) for l in ct.index[ct.conv_verdict == "local but not grid"]]
+        if loc:
+            out.append(f"{_span(loc)}: local heads, but not at enough distinct offsets around the query to act "
+                       f"like a {k}×{k} convolution.")
+        if cl.deepest_conv_layer is None:
+            out.append("The convolution claim of Cordonnier et al. (2020) does not hold from the first analysed layer.")
+        else:
+            out.append(f"The convolution claim holds from the first analysed layer up to layer {cl.deepest_conv_layer}.")
+    if len(t) >= 3:
+        a, b = t.iloc[0], t.iloc[-1]
+        trend = "grows" if b.mean_distance_px > a.mean_distance_px else "shrinks"
+        out.append(f"Mean attention distance {trend} with depth, from {_num(a.mean_distance_px)} px (layer {int(a.layer)}) "
+                   f"to {_num(b.mean_distance_px)} px (layer {int(b.layer)}).")
+    if str(meta.get("weights", "")).startswith("random init"):
+        out.append("These are untrained (random-init) weights: the findings describe the architecture, not a trained model.")
+    return out
