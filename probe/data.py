@@ -214,7 +214,13 @@ def collect_images(
                 f"no image files found in {', '.join(map(str, sources))}; --images needs a folder, "
                 f"file or glob with {', '.join(sorted(IMAGE_SUFFIXES)[:5])}, ... files"
             )
-        desc = ", ".join(map(str, sources))
+        if len(sources) <= 3:
+            desc = ", ".join(map(str, sources))
+        else:
+            import os.path
+
+            common = os.path.commonpath([str(Path(x).parent) for x in sources]) or "."
+            desc = f"{len(sources)} files under {common}"
         found = ImageSet(list(paths), desc, root=root)
     if num_images is not None and num_images < len(found.items):
         order = random.Random(seed).sample(range(len(found.items)), len(found.items))

@@ -124,8 +124,16 @@ class QuadraticAttention(_PositionalAttention):
     def __init__(self, dim: int, num_heads: int, grid: tuple[int, int], alpha_init: float = 0.1,
                  center_init_std: float = 2.0):
         super().__init__(dim, num_heads, grid)
+        self.alpha_init, self.center_init_std = float(alpha_init), float(center_init_std)
         self.centers = nn.Parameter(torch.randn(num_heads, 2) * center_init_std)
         self.alpha_raw = nn.Parameter(torch.full((num_heads,), float(alpha_init)))
+
+    def reset_parameters(self) -> None:
+        """Re-draw Δ ~ N(0, center_init_std²) and set α = alpha_init (the initialisation), so a
+        random-init copy (the conv test's null (a)) has untrained positional parameters."""
+        with torch.no_grad():
+            self.centers.normal_(0.0, self.center_init_std)
+            self.alpha_raw.fill_(self.alpha_init)
 
     @property
     def delta(self) -> torch.Tensor:
@@ -175,9 +183,17 @@ class GeneralizedQuadraticAttention(_PositionalAttention):
     def __init__(self, dim: int, num_heads: int, grid: tuple[int, int], alpha_init: float = 0.1,
                  center_init_std: float = 2.0):
         super().__init__(dim, num_heads, grid)
+        self.alpha_init, self.center_init_std = float(alpha_init), float(center_init_std)
         self.centers = nn.Parameter(torch.randn(num_heads, 2) * center_init_std)
         self.diag_raw = nn.Parameter(torch.full((num_heads, 2), math.sqrt(alpha_init)))
         self.lower = nn.Parameter(torch.zeros(num_heads))
+
+    def reset_parameters(self) -> None:
+        """Re-draw Δ and reset Σ⁻¹ to ``alpha_init · I`` (the initialisation)."""
+        with torch.no_grad():
+            self.centers.normal_(0.0, self.center_init_std)
+            self.diag_raw.fill_(math.sqrt(self.alpha_init))
+            self.lower.zero_()
 
     @property
     def delta(self) -> torch.Tensor:
@@ -224,6 +240,11 @@ class RelativeContentAttention(nn.Module):
         c = torch.arange(nc).repeat(nr)
         self.register_buffer("rel_index_row", (r[None, :] - r[:, None]) + nr - 1, persistent=False)
         self.register_buffer("rel_index_col", (c[None, :] - c[:, None]) + nc - 1, persistent=False)
+
+    def reset_parameters(self) -> None:
+        """Re-draw the relative encodings ``r ~ N(0, 0.02²)`` (the initialisation)."""
+        with torch.no_grad():
+            self.rel.normal_(0.0, 0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
