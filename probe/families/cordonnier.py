@@ -42,29 +42,14 @@ class CordonnierAttentionRule(CaptureRule):
 register_rule(CordonnierAttentionRule())
 
 
-def _install_gate(module: nn.Module, get_gate):
-    """Head gate for :mod:`probe.attribution`: a forward pre-hook on ``module.proj``, whose input
-    ``(B, T, H·D)`` holds the heads' outputs head-major (as timm's ``Attention``)."""
-    from ..attribution import _apply_gate
-
-    heads = int(module.num_heads)
-    where = f"{type(module).__name__} gate"
-
-    def pre_hook(_proj: nn.Module, args: tuple):
-        gate = get_gate()
-        if gate is None:
-            return None
-        return (_apply_gate(args[0], gate, heads, where), *args[1:])
-
-    return module.proj.register_forward_pre_hook(pre_hook)
-
-
 def _register_gates() -> None:
-    from ..attribution import register_head_gate
+    """Head gates for :mod:`probe.attribution`: as for timm's ``Attention``, a forward pre-hook on
+    ``module.proj``, whose input ``(B, T, H·D)`` holds the heads' outputs head-major."""
+    from ..attribution import _install_timm_attention, register_head_gate
     from ..cordonnier.model import GeneralizedQuadraticAttention, QuadraticAttention, RelativeContentAttention
 
     for cls in (QuadraticAttention, GeneralizedQuadraticAttention, RelativeContentAttention):
-        register_head_gate(cls, _install_gate)
+        register_head_gate(cls, _install_timm_attention)
 
 
 _register_gates()
