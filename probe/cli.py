@@ -104,8 +104,7 @@ def _check_options(*, num_images, batch_size, attribution_images, patch_size, nu
         raise ProbeError(f"--input-size must be three positive integers C,H,W, got {','.join(map(str, size))}")
     if "std" in overrides and not all(v > 0 for v in overrides["std"]):
         raise ProbeError(f"--std must be positive for every channel, got {','.join(map(str, overrides['std']))}")
-    if query is not None and not re.fullmatch(r"\s*(\d+)\s*[,xX]\s*(\d+)\s*", query):
-        raise ProbeError(f"--query {query!r} must be ROW,COL (two non-negative integers), e.g. --query 7,7")
+    _query_pair(query)
 
 
 def _query_pair(text: Optional[str]) -> Optional[tuple[int, int]]:
@@ -115,16 +114,6 @@ def _query_pair(text: Optional[str]) -> Optional[tuple[int, int]]:
     if not m:
         raise ProbeError(f"--query {text!r} must be ROW,COL (two non-negative integers), e.g. --query 7,7")
     return int(m.group(1)), int(m.group(2))
-
-
-def _parse_query(text: Optional[str], geometry) -> Optional[int]:
-    if text is None:
-        return None
-    m = re.fullmatch(r"\s*(\d+)\s*[,xX]\s*(\d+)\s*", text)
-    rows, cols = geometry.grid
-    if not m or not (int(m.group(1)) < rows and int(m.group(2)) < cols):
-        raise ProbeError(f"--query {text!r} must be ROW,COL inside the {rows}x{cols} patch grid")
-    return int(m.group(1)) * cols + int(m.group(2))
 
 
 def _safe_name(name: str) -> str:
@@ -254,7 +243,7 @@ def train(
     depth: int = typer.Option(6, "--depth"),
     heads: int = typer.Option(9, "--heads"),
     mlp_dim: int = typer.Option(144, "--mlp-dim"),
-    epochs: float = typer.Option(18.0, "--epochs"),
+    epochs: float = typer.Option(20.0, "--epochs"),
     batch_size: int = typer.Option(100, "--batch-size"),
     lr: float = typer.Option(0.1, "--lr"),
     position_lr_mult: float = typer.Option(20.0, "--position-lr-mult", help="learning-rate factor of Δ and α"),

@@ -8,6 +8,7 @@ are used: they need no download.
 from __future__ import annotations
 
 import glob
+import itertools
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -268,8 +269,6 @@ def decode_image(item: Any, mode: str) -> Image.Image:
         return _to_8bit(im).convert(mode)
 
 
-_open = decode_image
-
 
 def iter_batches(
     images: ImageSet,
@@ -290,17 +289,14 @@ def iter_batches(
     names: list[str] = []
     n_ok = 0
     wanted = len(images.items)
-    pending = list(images.items)
-    reserve = list(images.reserve)
-    while pending or (reserve and n_ok < wanted):
-        item = pending.pop(0) if pending else reserve.pop(0)
+    for item in itertools.chain(images.items, images.reserve):  # the reserve replaces unreadable ones
         if n_ok >= wanted:
             break
         name = str(item[0]) if isinstance(item, tuple) else str(item)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = _open(item, mode)
+                img = decode_image(item, mode)
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
                 Image.DecompressionBombWarning, SyntaxError) as e:
             images.skipped.append(name)

@@ -95,6 +95,20 @@ class ResolvedModel:
         return net.to(next(self.model.parameters()).device).eval()
 
 
+def file_sha256(path: str | Path) -> str | None:
+    """SHA-256 hex digest of a file, read in 1 MiB chunks; None if it cannot be read."""
+    import hashlib
+
+    try:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+    except OSError:
+        return None
+
+
 def resolve_name(name: str) -> str:
     """Map an alias to its timm name and check that timm knows it.
 

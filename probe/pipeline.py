@@ -23,7 +23,7 @@ from .capture import (
 )
 from .data import ImageSet, TensorImages, collect_images, eval_transform, iter_batches
 from .errors import CaptureError, ProbeError
-from .models import ResolvedModel, resolve_model
+from .models import ResolvedModel, file_sha256, resolve_model
 from .analyses.convlike import ConvLikeConfig
 from .result import AnalysisResult
 from .steps import add_conv_test, add_quadratic_fits, stats_layer_scores, trial_conv_test
@@ -258,7 +258,7 @@ def analyze(
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": _call_text(model, images, layers=layers, weights=weights, random_init=random_init,
                               num_images=num_images, seed=seed),
-        "weights_sha256": _sha256(weights) if weights is not None else None,
+        "weights_sha256": file_sha256(weights) if weights is not None else None,
         "image_root": str(image_set.root) if isinstance(image_set, ImageSet) and image_set.root else None,
         "versions": _versions(),
         "runtime_s": time.perf_counter() - t0,
@@ -306,19 +306,6 @@ def analyze(
     return result
 
 
-def _sha256(path: Any) -> str | None:
-    import hashlib
-
-    try:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
-    except OSError:
-        return None
-
-
 def _call_text(model: Any, images: Any, **kw: Any) -> str:
     """The library call as text, for the report's provenance (the CLI replaces it by its command line)."""
     def short(v: Any) -> str:
@@ -328,7 +315,7 @@ def _call_text(model: Any, images: Any, **kw: Any) -> str:
             return f"<{len(v)} items>"
         return f"<{type(v).__name__}>"
 
-    args = [short(model if not isinstance(model, nn.Module) else model), short(images)]
+    args = [short(model), short(images)]
     args += [f"{k}={short(v)}" for k, v in kw.items() if v not in (None, False)]
     return f"probe.analyze({', '.join(args)})"
 

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import probe
-from probe.cli import _parse_floats, _parse_grid, _parse_query, app
+from probe.cli import _parse_floats, _parse_grid, _query_pair, app
+from probe.pipeline import _check_query
 from probe.capture import parse_layers
 from probe.errors import ProbeError
 from probe.geometry import TokenGeometry
@@ -192,7 +193,8 @@ def test_a_long_error_stays_on_one_line(tmp_path, monkeypatch):
 def test_parsers_never_crash(text):
     geom = TokenGeometry(1, (14, 14), (16.0, 16.0))
     for parse in (lambda: _parse_grid(text), lambda: _parse_floats(text, 3, "--mean"),
-                  lambda: _parse_query(text, geom), lambda: parse_layers(text, 12, "m")):
+                  lambda: _query_pair(text), lambda: _check_query(_query_pair(text) or (0, 0), geom),
+                  lambda: parse_layers(text, 12, "m")):
         try:
             parse()
         except ProbeError:
@@ -319,7 +321,7 @@ def test_a_query_outside_the_grid_fails_before_the_images_are_read(tmp_path, mon
     def boom(*a, **k):
         raise AssertionError("an image was decoded")
 
-    monkeypatch.setattr(probe.data, "_open", boom)
+    monkeypatch.setattr(probe.data, "decode_image", boom)
     line = _one_error(runner.invoke(app, ["analyze", "--images", "imgs", "--query", "40,3"]))
     assert "inside the 16x16 patch grid" in line
     assert listing(tmp_path) == ["imgs"]

@@ -179,7 +179,7 @@ class ConvLikeConfig:
         """Half-width (patches, per axis) of the window in which a local head is a tap:
         ``tap_window`` or ``(K − 1) + 1/2`` — the ``K x K`` kernel at dilation up to 2, plus
         half a patch."""
-        return float(self.tap_window) if self.tap_window is not None else (kernel_size - 1) + 0.5
+        return float(self.tap_window) if self.tap_window is not None else default_tap_window(kernel_size)
 
     def __post_init__(self) -> None:
         if self.kernel_size is not None and self.kernel_size < 1:
@@ -315,6 +315,21 @@ def _as_delta(delta) -> np.ndarray:
     return d
 
 
+def _delta_and_mask(delta, local) -> tuple[np.ndarray, np.ndarray]:
+    """Checked centres ``(H, 2)`` and boolean local mask ``(H,)`` of one layer."""
+    d = _as_delta(delta)
+    loc = np.asarray(local, dtype=bool).reshape(-1)
+    if loc.shape[0] != d.shape[0]:
+        raise ProbeError(f"local mask has {loc.shape[0]} heads, delta has {d.shape[0]}")
+    return d, loc
+
+
+def default_tap_window(kernel_size: int) -> float:
+    """Half-width (patches, per axis) of the tap window: ``(K − 1) + 1/2`` — the ``K x K`` kernel
+    at dilation up to 2, plus half a patch."""
+    return (kernel_size - 1) + 0.5
+
+
 def default_kernel_size(num_heads: int) -> int:
     """Kernel size ``K`` tested for a layer with ``num_heads`` heads.
 
@@ -420,10 +435,7 @@ def lattice_match(
     Raises:
         ProbeError: on mismatched shapes.
     """
-    d = _as_delta(delta)
-    loc = np.asarray(local, dtype=bool).reshape(-1)
-    if loc.shape[0] != d.shape[0]:
-        raise ProbeError(f"local mask has {loc.shape[0]} heads, delta has {d.shape[0]}")
+    d, loc = _delta_and_mask(delta, local)
     lattice = kernel_lattice(kernel_size)
     n_target = min(d.shape[0], lattice.shape[0])
     idx = np.flatnonzero(loc)
@@ -490,11 +502,8 @@ def distinct_taps(
     Raises:
         ProbeError: on mismatched shapes.
     """
-    d = _as_delta(delta)
-    loc = np.asarray(local, dtype=bool).reshape(-1)
-    if loc.shape[0] != d.shape[0]:
-        raise ProbeError(f"local mask has {loc.shape[0]} heads, delta has {d.shape[0]}")
-    w = (kernel_size - 1) + 0.5 if window is None else float(window)
+    d, loc = _delta_and_mask(delta, local)
+    w = default_tap_window(kernel_size) if window is None else float(window)
     ok = loc & (np.abs(d).max(1) <= w + 1e-12)
     idx = np.flatnonzero(ok)
     labels = np.full(d.shape[0], -1)
@@ -677,14 +686,6 @@ def _uncertainty_draws(fit: LayerFit, config: ConvLikeConfig, rng) -> tuple[np.n
         return None
     masks = (np.asarray(radii) <= config.r_local).astype(np.float64)
     return np.asarray(deltas, dtype=np.float64), masks
-
-
-def _score_uncertainty(fit: LayerFit, k: int, config: ConvLikeConfig, rng) -> np.ndarray:
-    """Lattice-score replicates from bootstrap replicates or parametric draws; empty if neither."""
-    draws = _uncertainty_draws(fit, config, rng)
-    if draws is None:
-        return np.zeros(0)
-    return _scores_from_masks(draws[0], draws[1], k, config.tolerance)
 
 
 @dataclass

@@ -793,12 +793,12 @@ def centred_phi(mean_attn, geometry: TokenGeometry) -> np.ndarray:
         crr = np.einsum("qk,qk->", w, d[..., 0] * d[..., 0])
         ccc = np.einsum("qk,qk->", w, d[..., 1] * d[..., 1])
         crc = np.einsum("qk,qk->", w, d[..., 0] * d[..., 1])
-        # mass (1 up to rounding) scales the shift terms exactly: E[d] = 0 only if sum w = 1
+        # E[d] is 0 only up to rounding, and the mass 1 only up to rounding: keep both terms exactly
+        e0, e1 = np.einsum("qk,qki->i", w, d)
         mass = w.sum()
-        out[h, 2] = crr + 2 * m[0] * (np.einsum("qk,qk->", w, d[..., 0])) + m[0] ** 2 * mass
-        out[h, 3] = ccc + 2 * m[1] * (np.einsum("qk,qk->", w, d[..., 1])) + m[1] ** 2 * mass
-        out[h, 4] = crc + m[0] * np.einsum("qk,qk->", w, d[..., 1]) + m[1] * np.einsum("qk,qk->", w, d[..., 0]) \
-            + m[0] * m[1] * mass
+        out[h, 2] = crr + 2 * m[0] * e0 + m[0] ** 2 * mass
+        out[h, 3] = ccc + 2 * m[1] * e1 + m[1] ** 2 * mass
+        out[h, 4] = crc + m[0] * e1 + m[1] * e0 + m[0] * m[1] * mass
     return out
 
 

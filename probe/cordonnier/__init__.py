@@ -10,7 +10,6 @@ shipped with the package, which ``probe analyze`` analyses when no ``--model`` i
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -23,15 +22,6 @@ DEFAULT_MODEL = "cordonnier"
 DEFAULT_ALIASES = ("cordonnier", "cordonnier_quadratic", "default")
 #: The shipped checkpoint (package data).
 WEIGHTS = Path(__file__).with_name("weights") / "quadratic.safetensors"
-
-
-def sha256(path: Path) -> str:
-    """SHA-256 hex digest of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def pretrained() -> CordonnierViT:
@@ -62,7 +52,7 @@ def resolve_default(random_init: bool = False, seed: int = 0):
     """
     import torch
 
-    from ..models import ResolvedModel
+    from ..models import ResolvedModel, file_sha256
 
     trained = pretrained()
     config = dict(trained.config)
@@ -78,7 +68,7 @@ def resolve_default(random_init: bool = False, seed: int = 0):
         source = f"random init (seed {seed})"
     else:
         net = trained
-        source = f"embedded: probe/cordonnier/weights/{WEIGHTS.name} (sha256 {sha256(WEIGHTS)[:16]}…)"
+        source = f"embedded: probe/cordonnier/weights/{WEIGHTS.name} (sha256 {file_sha256(WEIGHTS)[:16]}…)"
     return ResolvedModel(model=net, name=DEFAULT_MODEL, weights=source,
                          num_params=sum(p.numel() for p in net.parameters()),
                          pretrained_cfg=dict(net.pretrained_cfg), rebuild=rebuild)
