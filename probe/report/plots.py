@@ -29,7 +29,8 @@ def _per_head_vs_depth(heads: pd.DataFrame, column: str, ylabel: str, title: str
     ax.set_xlabel("layer (network depth)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(title="head", fontsize=7, ncol=2, loc="best")
+    # outside the axes: a legend never covers a head's point
+    ax.legend(title="head", fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.grid(alpha=0.3)
     return fig
 

@@ -155,7 +155,7 @@ def quadratic_table(frame: pd.DataFrame) -> pd.DataFrame:
     Columns: ``head``, ``Δ row`` and ``Δ col`` (patches, ± bootstrap SE), ``α`` (1/patch²,
     ± SE), ``σ`` (patches), ``r50``, ``r90`` (patches), ``LL gain`` (nats per query over uniform
     attention), ``KL explained`` (``1 − KL_fit/KL_uniform``) and ``status``. Missing values
-    print as "—", infinite radii as "∞".
+    and the centre of a non-local head (which has none) print as "—", infinite radii as "∞".
 
     Raises:
         ProbeError: if columns are missing or the frame mixes layers.
@@ -167,10 +167,11 @@ def quadratic_table(frame: pd.DataFrame) -> pd.DataFrame:
 
     out = []
     for _, r in frame.iterrows():
+        centre = r["quad_status"] != "non_local"  # a non-local head has no centre: "—"
         out.append({
             "head": int(r["head"]),
-            "Δ row": _fmt(get(r, "delta_row"), get(r, "delta_row_se")),
-            "Δ col": _fmt(get(r, "delta_col"), get(r, "delta_col_se")),
+            "Δ row": _fmt(get(r, "delta_row"), get(r, "delta_row_se")) if centre else "—",
+            "Δ col": _fmt(get(r, "delta_col"), get(r, "delta_col_se")) if centre else "—",
             "α": _fmt(get(r, "alpha"), get(r, "alpha_se")),
             "σ": _fmt(get(r, "sigma_patches")),
             "r50": _fmt(get(r, "r50_patches")),

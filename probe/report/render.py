@@ -10,6 +10,7 @@ import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from . import plots
+from .heads_table import heads_table_html
 
 
 def _env() -> Environment:
@@ -25,7 +26,11 @@ def _fmt(v: Any, digits: int = 3) -> str:
             return "–"
         if np.isinf(v):
             return "∞" if v > 0 else "−∞"
-        return f"{v:.{digits}g}" if abs(v) >= 1e4 or (0 < abs(v) < 1e-3) else f"{v:.{digits}f}"
+        if abs(v) >= 1e4 or (0 < abs(v) < 1e-3):
+            from .heads_table import _sig
+
+            return _sig(v, digits)
+        return f"{v:.{digits}f}"
     return html.escape(str(v))
 
 
@@ -70,7 +75,7 @@ def render_report(
         meta=meta,
         figures=figures,
         layer_table=table_html(layers[[c for c in layer_cols if c in layers]]),
-        heads_table=table_html(heads),
+        heads_table=heads_table_html(heads),
         query_rc=query_rc,
         sections=sections,
         findings=findings(heads, layers, meta, extras),
