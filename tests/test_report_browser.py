@@ -106,3 +106,18 @@ def test_heads_table_groups_units_and_non_local_centres(page, report):
             assert text == "—"
         else:
             assert float(text.replace("−", "-")) == pytest.approx(r.delta_row, abs=0.006)
+
+
+def test_query_maps_follow_a_click(page):
+    canvas = page.locator("#qm-canvas")
+    canvas.scroll_into_view_if_needed()
+    start = canvas.get_attribute("data-query")
+    rows, cols = page.evaluate("(() => { const d = JSON.parse(document.getElementById('qm-data').textContent);"
+                               " return [d.layers[0].rows, d.layers[0].cols]; })()")
+    assert start == f"{rows // 2},{cols // 2}"  # the central patch first
+    box = canvas.bounding_box()
+    page.mouse.click(box["x"] + 2, box["y"] + box["height"] - 2)  # bottom-left patch
+    assert canvas.get_attribute("data-query") == f"{rows - 1},0"
+    page.select_option("#qm-head", "1")
+    assert canvas.get_attribute("data-head") == "1"
+    assert page.events["page_errors"] == []

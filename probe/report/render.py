@@ -11,6 +11,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from . import plots
 from .heads_table import heads_table_html
+from .query_maps import query_maps_html
 
 
 def _env() -> Environment:
@@ -47,6 +48,9 @@ def render_report(
     center_maps: dict[int, np.ndarray],
     query_rc: tuple[int, int],
     extras: dict[str, Any] | None = None,
+    mean_attn: dict[int, np.ndarray] | None = None,
+    grids: dict[int, tuple[int, int]] | None = None,
+    photo: np.ndarray | None = None,
 ) -> str:
     """The report as one HTML string with all plots embedded (no network access when opened).
 
@@ -57,6 +61,9 @@ def render_report(
         center_maps: ``{layer: array (heads, rows, cols)}`` mean attention of the query patch.
         query_rc: ``(row, col)`` of that query patch.
         extras: optional sections' data, keyed by analysis name.
+        mean_attn, grids, photo: ``{layer: (heads, P, P)}`` mean patch attention, ``{layer: (rows,
+            cols)}`` and an optional ``(H, W, 3)`` uint8 example photo, for the interactive query
+            maps (:mod:`probe.report.query_maps`); omitted when ``mean_attn`` is None.
     """
     extras = extras or {}
     layer_cols = ["layer", "heads", "mean_distance_px", "min_distance_px", "max_distance_px",
@@ -70,7 +77,7 @@ def render_report(
 
     from .findings import findings
 
-    sections = build_sections(heads, meta, extras) + list(extras.get("sections") or [])
+    sections = build_sections(heads, meta, extras, layers) + list(extras.get("sections") or [])
     return _env().get_template("report.html.j2").render(
         meta=meta,
         figures=figures,
@@ -79,4 +86,6 @@ def render_report(
         query_rc=query_rc,
         sections=sections,
         findings=findings(heads, layers, meta, extras),
+        query_maps=(query_maps_html(mean_attn, grids, photo, None if isinstance(query_rc, dict) else query_rc)
+                    if mean_attn else ""),
     )
