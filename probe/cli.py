@@ -150,9 +150,11 @@ def analyze(
     kernel_size: Optional[int] = typer.Option(None, "--kernel-size", help="K of the KxK lattice (default sqrt(heads) if a square >= 4, else 3)", rich_help_panel="Conv test"),
     conv_level: float = typer.Option(0.01, "--conv-level", help="family-wise significance level (Holm) of the conv test", rich_help_panel="Conv test"),
     conv_calibration: str = typer.Option("taps", "--conv-calibration", help="taps (distinct local offsets around the query; default) or lattice (the unit-lattice alignment test of the first calibration)", rich_help_panel="Conv test"),
-    attribution: str = typer.Option("ig", "--attribution", help="head attribution with captum: ig, ablation, both or none", rich_help_panel="Attribution"),
+    attribution: str = typer.Option("none", "--attribution", help="head attribution with captum (opt-in: it costs about 2x the rest of a run): ig, ablation, both or none", rich_help_panel="Attribution"),
     attribution_images: int = typer.Option(16, "--attribution-images", help="the first N analysed images are used for the attribution", rich_help_panel="Attribution"),
     query: Optional[str] = typer.Option(None, "--query", help="query patch ROW,COL whose mean attention map the report shows (default: the central patch)", rich_help_panel="Output"),
+    analysis: Optional[list[str]] = typer.Option(None, "--analysis", metavar="NAME", help="also run this registered analysis (repeatable; docs/analyses.md)", rich_help_panel="Analyses"),
+    set_option: Optional[list[str]] = typer.Option(None, "--set", metavar="ANALYSIS.OPTION=VALUE", help="an analysis option, ANALYSIS.OPTION=VALUE (repeatable), e.g. quadratic.anisotropic=true", rich_help_panel="Analyses"),
 ) -> None:
     """Capture attention, compute per-head statistics and write report.html and heads.csv."""
     from .analyses.convlike import ConvLikeConfig
@@ -176,13 +178,11 @@ def analyze(
                        patch_size=patch_size, null_seeds=null_seeds, null_images=null_images,
                        local_radius=local_radius, conv_level=conv_level, kernel_size=kernel_size,
                        overrides=overrides, query=query)
-        with Progress(TextColumn("[bold]images"), BarColumn(), MofNCompleteColumn(),
-                      TimeRemainingColumn(), console=console, transient=False) as bar:
-            task = bar.add_task("images", total=None)
+        from .analyses.base import parse_assignments
+        from .progress import RichProgress
 
-            def progress(done: int, total: int) -> None:
-                bar.update(task, completed=done, total=total)
-
+        analysis_options = parse_assignments(set_option)
+        with RichProgress(console) as progress:  # one named bar per stage (capture, fits, ...)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", UserWarning)
                 result = run_analysis(
@@ -195,7 +195,8 @@ def analyze(
                                                level=conv_level, seed=seed, calibration=conv_calibration),
                     null_seeds=null_seeds, null_images=null_images, null_layers=null_layers,
                     attribution=attribution, attribution_images=attribution_images,
-                    query=_query_pair(query),
+                    query=_query_pair(query), analyses=analysis or None,
+                    analysis_options=analysis_options or None,
                 )
         for w in caught:
             if "unreadable image" in str(w.message):

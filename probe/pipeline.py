@@ -1,19 +1,25 @@
-"""The one flow: resolve model -> capture attention layer by layer -> streaming reducers ->
-fits and tests on the statistics -> results tables -> :class:`~probe.result.AnalysisResult`.
+"""The one flow: check arguments -> resolve the model -> capture attention layer by layer into the
+selected analyses' streaming reducers -> run the selected registered analyses
+(:mod:`probe.analyses.base`; probe's own in :mod:`probe.steps`) -> :class:`~probe.result.AnalysisResult`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import platform
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import pandas as pd
 import torch
 from torch import nn
 
 from . import __version__
-from .analyses.reducers import LayerReducer
+from .analyses.base import (Analysis, AnalysisContext, RunSettings, SkipAnalysis, make_analysis,
+                            resolve_selection)
+from .analyses.convlike import ConvLikeConfig
 from .capture import (
     AttentionCapture,
     describe_rules,
@@ -24,11 +30,10 @@ from .capture import (
 from .data import ImageSet, TensorImages, collect_images, eval_transform, iter_batches
 from .errors import CaptureError, ProbeError
 from .models import ResolvedModel, file_sha256, resolve_model
-from .analyses.convlike import ConvLikeConfig
+from .progress import ProgressReporter, make_progress
 from .result import AnalysisResult
-from .steps import add_conv_test, add_quadratic_fits, stats_layer_scores, trial_conv_test
-from .tables import heads_frame, layers_frame
 
+#: ``progress(images_done, images_total)``; see :mod:`probe.progress` for the other forms.
 Progress = Callable[[int, int], None]
 
 
@@ -66,7 +71,7 @@ def analyze(
     grid: tuple[int, int] | None = None,
     patch_size: float | None = None,
     data_overrides: dict[str, Any] | None = None,
-    progress: Progress | None = None,
+    progress: Progress | ProgressReporter | bool | None = None,
     fits: bool = True,
     anisotropic: bool = False,
     conv_test: bool = True,
@@ -74,10 +79,12 @@ def analyze(
     null_seeds: int = 3,
     null_images: int = 4,
     null_layers: str = "candidates",
-    attribution: str = "ig",
+    attribution: str = "none",
     attribution_images: int = 16,
     ig_steps: int = 16,
     query: tuple[int, int] | None = None,
+    analyses: Sequence[str | Analysis | type] | None = None,
+    analysis_options: dict[str, Any] | None = None,
     _geometries: dict | None = None,
 ) -> AnalysisResult:
     """Analyse the attention heads of ``model`` on ``images``.
@@ -101,11 +108,16 @@ def analyze(
         n_bootstrap: Poisson-bootstrap replicates kept by the reducers.
         prefix_tokens, grid, patch_size: override the inferred token geometry.
         data_overrides: timm data-config values (``input_size``, ``mean``, ``std``, ...).
-        progress: ``progress(images_done, images_total)`` after each batch.
-        fits: fit the quadratic-encoding Δ and α of every head (:mod:`probe.analyses.quadratic`).
+        progress: named stages with bars (capture, quadratic fits, conv test, conv-test null,
+            attribution; :mod:`probe.progress`): ``None`` (default) shows them in a terminal or
+            notebook only, ``True`` always, ``False`` never; a callable ``progress(images_done,
+            images_total)`` is called after each captured batch, ``progress(stage, done, total)``
+            on every update of every stage; or a :class:`~probe.progress.ProgressReporter`.
+        fits: fit the quadratic-encoding Δ and α of every head (analysis ``quadratic``,
+            :mod:`probe.analyses.quadratic`).
         anisotropic: also fit the full 2x2 covariance form.
-        conv_test: test whether layers act like convolutions (:mod:`probe.analyses.convlike`;
-            needs ``fits``).
+        conv_test: test whether layers act like convolutions (analysis ``convlike``,
+            :mod:`probe.analyses.convlike`; runs the fits too).
         conv_config: thresholds of that test (default :class:`ConvLikeConfig`).
         null_seeds: random-init copies of the architecture for the test's null (a); skipped
             when the analysed weights are themselves a random init.
@@ -115,23 +127,33 @@ def analyze(
             with ``"all"``, and the forward passes of the copies end at the deepest such layer);
             ``"all"``: for every analysed layer (the report then shows random-init scores for
             all of them).
-        attribution: head attribution with captum (:mod:`probe.attribution`): ``"ig"``
-            (integrated gradients over per-head gates), ``"ablation"``, ``"both"`` or ``"none"``;
+        attribution: head attribution with captum (analysis ``attribution``,
+            :mod:`probe.attribution`): ``"ig"`` (integrated gradients over per-head gates),
+            ``"ablation"``, ``"both"`` or ``"none"`` (default: opt-in, since IG on 16 images costs
+            about twice the rest of a DeiT-Tiny run on 64 images, ``bench/RESULTS-default-run.md``);
             skipped with a reason in ``meta["attribution_skipped"]`` for families without gates.
         attribution_images: the first N analysed images are attributed.
         ig_steps: integration steps of integrated gradients.
         query: ``(row, col)`` of the query patch whose mean attention map the report shows
             (CLI ``--query ROW,COL``); checked against the patch grid before any image is read;
             default the central patch.
+        analyses: further registered analyses to run, in addition to those the flags above
+            select: names, registered classes or configured instances (``[Rollout(images=8)]``);
+            their requirements are added. See :func:`probe.analyses.base.analyses`.
+        analysis_options: ``{name: Options instance or dict}`` for analyses selected by name or
+            by the flags above (``{"quadratic": {"anisotropic": True}}`` overrides the flag).
         _geometries: internal: ``{layer index: TokenGeometry}`` of an analysed model, reused
             (instead of a dry run) for its random-init copies.
 
     Returns:
         An :class:`~probe.result.AnalysisResult` (``heads`` / ``layers`` DataFrames,
-        per-layer :class:`~probe.analyses.reducers.LayerStats`, metadata, ``write_report``).
+        per-layer :class:`~probe.analyses.reducers.LayerStats`, metadata, ``write_report``);
+        ``meta["analyses"]`` lists the analyses run, ``meta["analyses_skipped"]`` those that
+        could not run, with the reason.
 
     Raises:
-        ProbeError: for any bad input (model, weights, layers, images, device, geometry).
+        ProbeError: for any bad input (model, weights, layers, images, device, geometry,
+            analyses and their options), before any image is read.
     """
     t0 = time.perf_counter()
     _check_arguments(model, images, batch_size=batch_size, num_images=num_images, n_bootstrap=n_bootstrap,
@@ -140,10 +162,69 @@ def analyze(
     if isinstance(images, torch.Tensor) and images.dtype == torch.float64:
         images = images.float()
     dev = resolve_device(device)
-    if null_layers not in ("candidates", "all"):
-        raise ProbeError(f"unknown --null-layers {null_layers!r}; use candidates or all")
+    selection = _selection(fits=fits, anisotropic=anisotropic, conv_test=conv_test, conv_config=conv_config,
+                           null_seeds=null_seeds, null_images=null_images, null_layers=null_layers,
+                           attribution=attribution, attribution_images=attribution_images, ig_steps=ig_steps,
+                           analyses=analyses, analysis_options=analysis_options)
+    reporter, owned = make_progress(progress)
+    try:
+        return _run(model, images, selection, reporter, t0=t0, dev=dev, layers=layers, weights=weights,
+                    random_init=random_init, num_images=num_images, batch_size=batch_size, device=device,
+                    amp=amp, seed=seed, n_bootstrap=n_bootstrap, prefix_tokens=prefix_tokens, grid=grid,
+                    patch_size=patch_size, data_overrides=data_overrides, query=query, _geometries=_geometries)
+    finally:
+        if owned:
+            reporter.close()
+
+
+def _selection(*, fits: bool, anisotropic: bool, conv_test: bool, conv_config: Any, null_seeds: int,
+               null_images: int, null_layers: str, attribution: str, attribution_images: int, ig_steps: int,
+               analyses: Any, analysis_options: Any) -> list[Analysis]:
+    """The analyses to run: probe's own as the keyword flags select them, then ``analyses``,
+    with ``analysis_options`` applied and requirements added (:func:`resolve_selection`).
+
+    Raises:
+        ProbeError: for unknown analyses or options, or bad option values.
+    """
     if attribution not in ("none", "ig", "ablation", "both"):
         raise ProbeError(f"unknown --attribution {attribution!r}; use ig, ablation, both or none")
+    if analysis_options is not None and not isinstance(analysis_options, dict):
+        raise ProbeError(f"analysis_options must be a dict {{name: options}}, got {type(analysis_options).__name__}")
+    opts = dict(analysis_options or {})
+    flagged: dict[str, dict[str, Any]] = {}
+    if fits or conv_test:
+        flagged["quadratic"] = {"anisotropic": anisotropic}
+    if conv_test:
+        flagged["convlike"] = {"config": conv_config, "null_seeds": null_seeds, "null_images": null_images,
+                               "null_layers": null_layers}
+    if attribution != "none":
+        flagged["attribution"] = {"method": attribution, "images": attribution_images, "ig_steps": ig_steps}
+    chosen: list[Analysis] = []
+    for name, values in flagged.items():
+        extra = opts.pop(name, None)
+        if dataclasses.is_dataclass(extra) and not isinstance(extra, type):
+            chosen.append(make_analysis(name, extra))
+        else:
+            if extra is not None and not isinstance(extra, dict):
+                raise ProbeError(f"analysis_options[{name!r}] must be an Options instance or a dict")
+            chosen.append(make_analysis(name, {**values, **(extra or {})}))
+    if analyses is not None and (isinstance(analyses, (str, Analysis)) or not isinstance(analyses, Sequence)):
+        analyses = [analyses]
+    for spec in analyses or []:
+        name = spec if isinstance(spec, str) else getattr(spec, "name", None)
+        chosen.append(make_analysis(spec, opts.pop(name, None) if isinstance(spec, (str, type)) else None))
+    for name, extra in opts.items():  # options for an analysis its requirement pulls in, or a typo
+        if not any(a.name == name for a in resolve_selection(chosen)):
+            raise ProbeError(f"analysis_options names {name!r}, which is not selected; add it to analyses=[...]")
+        chosen.append(make_analysis(name, extra))
+    return resolve_selection(chosen)
+
+
+def _run(model: Any, images: Any, selection: list[Analysis], reporter: ProgressReporter, *, t0: float,
+         dev: torch.device, layers: Any, weights: Any, random_init: bool, num_images: int | None,
+         batch_size: int, device: str, amp: bool, seed: int, n_bootstrap: int, prefix_tokens: Any, grid: Any,
+         patch_size: Any, data_overrides: Any, query: Any, _geometries: Any) -> AnalysisResult:
+    """:func:`analyze` after its argument checks: resolve, capture, run the analyses."""
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(
         model, weights=weights, random_init=random_init, seed=seed
     )
@@ -179,10 +260,30 @@ def analyze(
     if query is not None:
         _check_query(query, geometry)
 
-    reducers = {l.index: LayerReducer(l.index, geometries[l.index], n_bootstrap, seed) for l in selected}
+    settings = RunSettings(seed=seed, n_bootstrap=n_bootstrap, batch_size=batch_size, device=dev, amp=amp,
+                           num_images=num_images, prefix_tokens=prefix_tokens, grid=grid, patch_size=patch_size,
+                           data_overrides=data_overrides, device_arg=device)
+    rerun = functools.partial(_rerun, batch_size=batch_size, device=device, seed=seed, prefix_tokens=prefix_tokens,
+                              grid=grid, patch_size=patch_size, data_overrides=data_overrides,
+                              _geometries=geometries)
+    ctx = AnalysisContext(model=resolved, net=net, layers=[l.index for l in selected],
+                          layer_names={l.index: l.name for l in selected}, geometries=geometries,
+                          settings=settings, image_set=image_set, progress=reporter, rerun=rerun)
+    for a in selection:
+        _guard(a, a.check, ctx, {})
+
+    # streaming reducers of every "attention" analysis, fed layer by layer
+    sinks: dict[int, list[tuple[str, Any]]] = {l.index: [] for l in selected}
+    for a in selection:
+        if "attention" in a.consumes:
+            for l in selected:
+                r = a.reducer(l.index, geometries[l.index], ctx)
+                if r is not None:
+                    sinks[l.index].append((a.name, r))
 
     def sink(index: int, attn: torch.Tensor) -> None:
-        reducers[index].update(attn)
+        for _, r in sinks[index]:
+            r.update(attn)
 
     # the attention layer after the deepest selected one: later blocks need not run
     deepest = selected[-1].index
@@ -190,19 +291,20 @@ def analyze(
     capture = AttentionCapture(selected, sink, stop_before=stop_before)
     total = len(image_set)
     done = 0
-    kept: list[torch.Tensor] = []  # images kept for the attribution (at most attribution_images)
+    keep = max([a.images_needed() for a in selection if "model" in a.consumes] or [0])
+    kept: list[torch.Tensor] = []  # the first `keep` images, for the analyses that re-run the model
     kept_n = 0
     names: list[str] = []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (amp and dev.type == "cuda") else None
-    with capture, torch.no_grad():
+    with reporter.stage("capture", total=total) as stage, capture, torch.no_grad():
         if isinstance(image_set, TensorImages):
             batches = image_set.batches(batch_size)
         else:
             batches = iter_batches(image_set, transform, batch_size, mode)
         for batch, batch_names in batches:
             batch = batch.to(dev, non_blocking=True)
-            if attribution != "none" and kept_n < attribution_images:
-                kept.append(batch[: attribution_images - kept_n].float())
+            if kept_n < keep:
+                kept.append(batch[: keep - kept_n].float())
                 kept_n += kept[-1].shape[0]
             if autocast is not None:
                 with autocast:
@@ -212,15 +314,83 @@ def analyze(
             if done == 0:
                 capture.check_all_captured(resolved.name)
                 capture.arm_early_exit()
+                example = _example_photo(batch[0], data_cfg)
             done += batch.shape[0]
             names.extend(batch_names)
-            if progress is not None:
-                progress(done + len(image_set.skipped), total)
+            stage.update(done + len(image_set.skipped), total)
 
-    stats = [reducers[l.index].result() for l in selected]
-    heads = heads_frame(stats)
-    layer_table = layers_frame(heads, stats)
-    meta = {
+    ctx.reduced = {}
+    for index, pairs in sinks.items():
+        for name, r in pairs:
+            ctx.reduced.setdefault(name, {})[index] = r.result()
+    ctx.images = torch.cat(kept) if kept else None
+    ctx.image_names = names
+    meta = _meta(resolved, image_set, selected, all_layers, geometry, geometries, data_cfg, dev, autocast,
+                 capture, t0, done=done, names=names, batch_size=batch_size, seed=seed, n_bootstrap=n_bootstrap,
+                 query=query, weights=weights, call=_call_text(model, images, layers=layers, weights=weights,
+                                                               random_init=random_init, num_images=num_images,
+                                                               seed=seed))
+    ctx.result = AnalysisResult(heads=pd.DataFrame(columns=["layer", "head"]), layers=pd.DataFrame(columns=["layer"]),
+                                stats={}, geometry=geometry, meta=meta)
+    ctx.result.extras["example_image"] = example  # the report's photo under the query maps
+    skipped: dict[str, str] = {}
+    for a in selection:
+        _guard(a, a.run, ctx, skipped)
+    meta["analyses"] = [a.name for a in selection if a.name not in skipped]
+    meta["analyses_skipped"] = skipped
+    meta["runtime_s"] = time.perf_counter() - t0
+    return ctx.result
+
+
+def _example_photo(x: torch.Tensor, data_cfg: dict) -> Any:
+    """The first analysed image as the model sees it, ``(H, W, 3)`` uint8: the input ``(C, H, W)``
+    with the transform's normalisation undone (``x · std + mean``); None for other channel counts."""
+    import numpy as np
+
+    c = x.shape[0]
+    if c not in (1, 3):
+        return None
+    mean = torch.tensor([float(v) for v in data_cfg.get("mean", (0.0,) * c)], dtype=torch.float32)[:c].view(-1, 1, 1)
+    std = torch.tensor([float(v) for v in data_cfg.get("std", (1.0,) * c)], dtype=torch.float32)[:c].view(-1, 1, 1)
+    img = (x.detach().float().cpu() * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)
+    img = img.expand(3, -1, -1) if c == 1 else img
+    return np.ascontiguousarray(img.permute(1, 2, 0).numpy())
+
+
+def _guard(analysis: Analysis, step: Callable[[AnalysisContext], None], ctx: AnalysisContext,
+           skipped: dict[str, str]) -> None:
+    """Run ``analysis.check`` or ``analysis.run``: a :class:`SkipAnalysis` is recorded in
+    ``skipped``; after ``run``, the declared columns are checked.
+
+    Raises:
+        ProbeError: when ``run`` did not add the columns the analysis declares.
+    """
+    try:
+        step(ctx)
+    except SkipAnalysis as e:
+        skipped[analysis.name] = e.reason
+        return
+    if step == analysis.run:
+        heads, layers = analysis.columns()
+        missing = [c for c in heads if c not in ctx.result.heads] + [c for c in layers if c not in ctx.result.layers]
+        if missing:
+            raise ProbeError(f"analysis {analysis.name!r} declares column(s) {missing} that its run did not add; "
+                             "fix its head_columns/layer_columns or its run()")
+
+
+def _rerun(model: Any, images: Any, **kw: Any) -> AnalysisResult:
+    """:func:`analyze` for a nested run of an analysis (``AnalysisContext.rerun``); progress off
+    unless given."""
+    kw.setdefault("progress", False)
+    return analyze(model, images, **kw)
+
+
+def _meta(resolved: ResolvedModel, image_set: Any, selected: list, all_layers: list, geometry: Any,
+          geometries: dict, data_cfg: dict, dev: torch.device, autocast: Any, capture: AttentionCapture,
+          t0: float, *, done: int, names: list[str], batch_size: int, seed: int, n_bootstrap: int, query: Any,
+          weights: Any, call: str) -> dict[str, Any]:
+    """The run's metadata (``result.meta``), before the analyses add theirs."""
+    return {
         "model": resolved.name,
         "weights": resolved.weights,
         "num_params": resolved.num_params,
@@ -256,54 +426,12 @@ def analyze(
         "n_bootstrap": n_bootstrap,
         "query": list(query) if query is not None else None,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "command": _call_text(model, images, layers=layers, weights=weights, random_init=random_init,
-                              num_images=num_images, seed=seed),
+        "command": call,
         "weights_sha256": file_sha256(weights) if weights is not None else None,
         "image_root": str(image_set.root) if isinstance(image_set, ImageSet) and image_set.root else None,
         "versions": _versions(),
         "runtime_s": time.perf_counter() - t0,
     }
-    result = AnalysisResult(heads=heads, layers=layer_table, stats={s.layer: s for s in stats},
-                            geometry=geometry, meta=meta)
-    if fits or conv_test:
-        add_quadratic_fits(result, anisotropic=anisotropic)
-    if conv_test:
-        cfg = conv_config or ConvLikeConfig(seed=seed)
-        trial = trial_conv_test(result, cfg)
-        null = {}
-        null_for: list[int] = []
-        random_weights = resolved.weights.startswith("random init")
-        if null_seeds > 0 and not random_weights:
-            if null_layers == "all":
-                null_for = [l.index for l in selected]
-            else:  # null (a) can only veto: run it where the verdict is conv-like without it
-                null_for = trial.conv_like_layers
-        if null_for:
-            null = _random_init_scores(
-                resolved, image_set, null_for, cfg, null_seeds, null_images,
-                batch_size=batch_size, device=device, seed=seed, prefix_tokens=prefix_tokens,
-                grid=grid, patch_size=patch_size, data_overrides=data_overrides, _geometries=geometries)
-        add_conv_test(result, cfg, null, trial=trial)
-        meta["conv_null_layers_rule"] = null_layers
-        meta["conv_null_status"] = (
-            "off" if null_seeds <= 0 else "random weights" if random_weights
-            else "run" if null else "not needed")
-        meta["conv_null_layers"] = sorted(null)
-        meta["conv_null_seeds"] = len(next(iter(null.values()), []))
-        meta["conv_null_images"] = min(null_images, done) if null else 0
-    if attribution != "none":
-        from .attribution import add_head_attribution, imagenet_labels_or_none, unsupported_reason
-
-        reason = unsupported_reason(net, meta["layer_names"])
-        if reason is None:
-            x = torch.cat(kept)
-            labels = imagenet_labels_or_none(names[: x.shape[0]], int(getattr(net, "num_classes", 0) or 0))
-            add_head_attribution(result, net, x, labels=labels, seed=seed, n_steps=ig_steps,
-                                 methods=("ig", "ablation") if attribution == "both" else (attribution,))
-        else:
-            meta["attribution_skipped"] = reason
-    meta["runtime_s"] = time.perf_counter() - t0
-    return result
 
 
 def _call_text(model: Any, images: Any, **kw: Any) -> str:
@@ -379,34 +507,6 @@ def _check_arguments(model: Any, images: Any, *, batch_size: Any, num_images: An
                 raise ProbeError(f"data_overrides[{key!r}] must be a sequence of numbers, got {vals!r}") from None
             if not all(math.isfinite(v) for v in vals) or (key == "std" and not all(v > 0 for v in vals)):
                 raise ProbeError(f"data_overrides[{key!r}] must be finite{' and positive' if key == 'std' else ''}, got {vals}")
-
-
-def _random_init_scores(resolved: ResolvedModel, image_set: ImageSet | TensorImages, layers: list[int],
-                        config: ConvLikeConfig, n_seeds: int, n_images: int, **kw) -> dict[int, list[float]]:
-    """Conv-likeness scores of random-init copies of the architecture (null (a) of the test).
-
-    Each copy (seeds ``1000 + seed + i``) is analysed on the first ``n_images`` images with the
-    same layers, geometry options and fits; returns ``{layer: [score per seed]}``.
-    """
-    if isinstance(image_set, TensorImages):
-        def subset_images() -> TensorImages:
-            return TensorImages(image_set.pool, min(max(1, n_images), len(image_set)), image_set.description)
-    else:
-        subset = ImageSet(list(image_set.items[:max(1, n_images)]), image_set.description)
-
-        def subset_images() -> ImageSet:
-            return ImageSet(list(subset.items), subset.description)
-    scores: dict[int, list[float]] = {l: [] for l in layers}
-    base = 1000 + kw["seed"]
-    for i in range(n_seeds):
-        net = resolved.random_init(base + i)
-        twin = ResolvedModel(net, resolved.name, f"random init (seed {base + i})",
-                             resolved.num_params, resolved.pretrained_cfg, resolved.rebuild)
-        res = analyze(twin, subset_images(), layers=layers,
-                      n_bootstrap=0, conv_test=False, fits=False, attribution="none", **kw)
-        for layer, s in stats_layer_scores(res.stats, config).items():
-            scores[layer].append(s)
-    return scores
 
 
 def _versions() -> dict[str, str]:

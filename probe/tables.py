@@ -10,8 +10,10 @@ Columns of the heads table (one row per (layer, head)):
 * ``entropy_nats``: ``-sum_k A[q,k] ln A[q,k]`` over all keys, averaged over patch queries and
   images; ``entropy_norm`` = ``entropy_nats / ln(num_keys)``.
 
-Further steps add their columns (:mod:`probe.steps`, :mod:`probe.attribution`): the quadratic fit
-(``delta_*``, ``alpha``, ...), the conv test (``conv_*``), and
+These are the columns of the ``distance_entropy`` analysis (:class:`probe.steps.DistanceEntropy`,
+part of every run). Further registered analyses (:mod:`probe.analyses.base`) add theirs, joined on
+``(layer, head)`` / ``layer`` in run order: the quadratic fit (``delta_*``, ``alpha``, ...), the
+conv test (``conv_*``), and
 ``importance_ig`` / ``importance_ablation`` (+ ``_se``): mean over images of the head's attribution
 to the target logit (predicted class), logit units, positive = the head raises it.
 """

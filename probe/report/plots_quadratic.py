@@ -55,8 +55,23 @@ def _drawn(row: pd.Series) -> bool:
         np.isfinite(row["delta_row"]) and np.isfinite(row["delta_col"]))
 
 
+def view_halfwidth(frame: pd.DataFrame, geometry: TokenGeometry, max_halfwidth: float | None = None) -> float:
+    """Half-width (patches) of the view that shows the query, every drawn centre and its 50 %
+    circle — at least ±3 patches, at most ``max_halfwidth`` (default ``max(rows, cols)``),
+    rounded up to a patch boundary. ``frame`` may hold several layers: the report passes all of
+    them so that every layer's figure has the same axis range."""
+    rows, cols = geometry.grid
+    need = 3.0
+    for _, r in frame.iterrows():
+        if _drawn(r):
+            r50 = r["r50_patches"] if np.isfinite(r["r50_patches"]) else 0.0
+            need = max(need, abs(r["delta_row"]) + r50, abs(r["delta_col"]) + r50)
+    cap = float(max_halfwidth) if max_halfwidth is not None else float(max(rows, cols))
+    return math.ceil(min(need, cap)) + 0.5
+
+
 def plot_quadratic_layer(frame: pd.DataFrame, geometry: TokenGeometry, *, title: str | None = None,
-                         max_halfwidth: float | None = None) -> Figure:
+                         max_halfwidth: float | None = None, halfwidth: float | None = None) -> Figure:
     """Cordonnier-style figure of the attention centres of one layer's heads.
 
     Axes are the relative offset ``δ = p_key − p_query`` in patches (columns to the right, rows
@@ -73,6 +88,8 @@ def plot_quadratic_layer(frame: pd.DataFrame, geometry: TokenGeometry, *, title:
         title: figure title; default ``"Layer L: quadratic-encoding fits"``.
         max_halfwidth: cap on the half-width of the view in patches; default the largest
             offset on the grid, ``max(rows, cols) − 1``, plus one patch.
+        halfwidth: the exact half-width of the view (patches), e.g. :func:`view_halfwidth` of all
+            layers so that layers share one axis range; default this layer's own view.
 
     Returns:
         A matplotlib Figure (Agg backend); the caller saves or closes it.
@@ -84,15 +101,7 @@ def plot_quadratic_layer(frame: pd.DataFrame, geometry: TokenGeometry, *, title:
     rows, cols = geometry.grid
     fig = Figure(figsize=(8.0, 5.2))
     ax = fig.subplots()
-
-    # View: the query, every drawn centre and its 50 % circle; at least ±3 patches.
-    need = 3.0
-    for _, r in frame.iterrows():
-        if _drawn(r):
-            r50 = r["r50_patches"] if np.isfinite(r["r50_patches"]) else 0.0
-            need = max(need, abs(r["delta_row"]) + r50, abs(r["delta_col"]) + r50)
-    cap = float(max_halfwidth) if max_halfwidth is not None else float(max(rows, cols))
-    half = math.ceil(min(need, cap)) + 0.5
+    half = float(halfwidth) if halfwidth is not None else view_halfwidth(frame, geometry, max_halfwidth)
 
     # Patch boundaries of the offsets that exist: rows −(rows−1)..rows−1, cols likewise.
     for x in np.arange(-(cols - 1) - 0.5, cols, 1.0):

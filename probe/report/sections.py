@@ -11,7 +11,7 @@ import pandas as pd
 from ..geometry import TokenGeometry
 from . import plots
 from .plots_convlike import plot_convlike
-from .plots_quadratic import plot_quadratic_layer, quadratic_table
+from .plots_quadratic import plot_quadratic_layer, quadratic_table, view_halfwidth
 
 
 def _table(frame: pd.DataFrame) -> str:
@@ -36,13 +36,34 @@ def quadratic_section(heads: pd.DataFrame, meta: dict[str, Any]) -> dict[str, st
         "holding 90 % of the head's actual attention (no Gaussian assumed). Status <i>non local</i>: "
         "α = 0 or a Gaussian wider than half the grid — a valid fit of a global head.</p>"
     ]
+    # one axis range for every layer's figure, so that centres compare across depth
+    half = view_halfwidth(heads, geometry)
+    global_run: list[int] = []
+
+    def flush() -> None:
+        if global_run:
+            which = (f"Layer {global_run[0]}" if len(global_run) == 1 else
+                     f"Layers {', '.join(str(l) for l in global_run)}" if len(global_run) == 2 else
+                     f"Layers {global_run[0]}–{global_run[-1]}")
+            parts.append(f"<p class='nonlocal'><b>{which}</b>: every head non-local (α = 0 or a Gaussian "
+                         "wider than half the grid): no centre to draw; their α and fit quality are in the "
+                         "all-heads table.</p>")
+            global_run.clear()
+
     for layer, frame in heads.groupby("layer", sort=True):
-        fig = plots.to_data_uri(plot_quadratic_layer(frame, geometry))
+        if (frame["quad_status"] == "non_local").all():
+            if global_run and global_run[-1] != int(layer) - 1:
+                flush()
+            global_run.append(int(layer))
+            continue
+        flush()
+        fig = plots.to_data_uri(plot_quadratic_layer(frame, geometry, halfwidth=half))
         table = quadratic_table(frame)
         if "r90_empirical_patches" in frame:
             table["r90 measured"] = [f"{v:.2f}" for v in frame["r90_empirical_patches"]]
         parts.append(f"<h3>Layer {int(layer)}</h3><img alt='quadratic fits of layer {int(layer)}' "
                      f"src='{fig}'>{_table(table)}")
+    flush()
     return {"title": "Where each head looks: quadratic-encoding centre Δ and sharpness α",
             "html": "\n".join(parts)}
 
@@ -74,6 +95,10 @@ def convlike_section(cl: Any, meta: dict[str, Any]) -> dict[str, str]:
     elif meta.get("conv_null_status") == "not needed":
         null_a = ("(a) the random-initialisation null was not needed: no layer is conv-like without it, "
                   "and it can only veto that verdict (--null-layers all runs it everywhere)")
+    elif meta.get("conv_null_status") == "needs the model":
+        null_a = ("(a) the random-initialisation null was not applied: this test was re-run on saved "
+                  "statistics (AnalysisResult.rerun) and null (a) needs forward passes of random-init copies "
+                  "of the model — run probe analyze again to apply it")
     else:
         null_a = ("(a) random-initialisation null not run (the analysed weights are a random "
                   "initialisation themselves, or it was switched off)")
@@ -108,15 +133,29 @@ def convlike_section(cl: Any, meta: dict[str, Any]) -> dict[str, str]:
             "html": text + f"<img alt='conv-likeness against depth' src='{fig}'>" + _table(shown)}
 
 
-def build_sections(heads: pd.DataFrame, meta: dict[str, Any], extras: dict[str, Any]) -> list[dict[str, str]]:
-    """The optional sections present in ``extras``, in report order."""
-    out = []
-    if "convlike" in extras:
-        out.append(convlike_section(extras["convlike"], meta))
-    if "quadratic" in extras and "delta_row" in heads:
-        out.append(quadratic_section(heads, meta))
-    if "attribution" in extras:
-        from .section_attribution import attribution_section
+def build_sections(heads: pd.DataFrame, meta: dict[str, Any], extras: dict[str, Any],
+                   layers: pd.DataFrame | None = None) -> list[dict[str, str]]:
+    """The sections of the registered analyses (:mod:`probe.analyses.base`) whose results are in
+    ``extras``, in ``report_order``, then one for each analysis skipped with a reason (other
+    than attribution, which the run description shows).
 
-        out.append(attribution_section(heads, extras["attribution"]))
+    Each section is ``analysis.section(ReportInput(heads, layers, meta, extras,
+    value=extras[name]))``; an analysis whose ``section`` returns ``None`` adds nothing.
+    """
+    from ..analyses.base import ReportInput, analyses
+
+    layers = layers if layers is not None else pd.DataFrame()
+    out = []
+    present = [cls for name, cls in analyses().items() if name in extras]
+    for cls in sorted(present, key=lambda c: c.report_order):  # stable: registry order breaks ties
+        sec = cls.section(ReportInput(heads, layers, meta, extras, value=extras[cls.name]))
+        if sec is not None:
+            out.append(sec)
+    reg = analyses()
+    for name, reason in (meta.get("analyses_skipped") or {}).items():
+        if name == "attribution" and meta.get("attribution_skipped"):
+            continue
+        title = getattr(reg.get(name), "title", "") or name
+        out.append({"title": f"{title[:1].upper() + title[1:]}: skipped",
+                    "html": f"<p class='warn'>Not run: {html.escape(str(reason))}</p>"})
     return out
