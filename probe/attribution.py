@@ -28,15 +28,17 @@ passes per image. Measured for DeiT-Tiny (36 heads), 32 ImageNet photos, 2 CPU t
 shared machine: IG (16 steps) 77 CPU-seconds, ablation 67-87 CPU-seconds, the ablation check
 (k = 6, 10 random draws: 12 forward passes per image) about 30 CPU-seconds per ranking.
 
-Extension to other attention implementations: :func:`register_head_gate` maps an attention
-module class to a function that installs the gate on one module instance (see
-:func:`_install_timm_attention` for the contract). Lookup is by *exact* class, so a subclass
-that changes ``forward`` is never gated by accident; register it explicitly. Families still to
-add: torchvision ``MultiheadAttention`` / ``nn.TransformerEncoderLayer`` (the output projection
-is ``out_proj``, but the fused fast path and ``F.multi_head_attention_forward`` call its weight
-directly, so a pre-hook is not enough), Hugging Face ``ViTAttention`` (the layer the
-capture rules number; a pre-hook on ``module.output.dense``, whose input ``(B, N, H*D)`` is
-head-major like timm's, with ``num_heads = module.attention.num_attention_heads``).
+Families: every layer :mod:`probe.capture` finds can be gated. Where the attention module's class
+is registered with :func:`register_head_gate` (timm ``Attention``, probe's attention-only
+models) that installer is used; otherwise the layer's capture rule installs the gate
+(:meth:`probe.capture.CaptureRule.install_gate`, primitives in :mod:`probe.families.gating`):
+a pre-hook on the output projection (timm attention incl. BEiT/EVA/ConViT, Swin windows, Hugging
+Face ``o_proj`` / ``out_proj``), the wrapped ``forward`` of ``nn.MultiheadAttention`` (its
+``F.multi_head_attention_forward`` call uses the projection weight directly, so a pre-hook never
+fires), the probabilities before they meet the values (CaiT talking heads, hand-written softmax,
+per-head modules) or the per-head output of ``F.scaled_dot_product_attention`` (functional
+fallback). Lookup in the registry is by *exact* class, so a subclass that changes ``forward`` is
+never gated by the parent's installer by accident.
 """
 
 from __future__ import annotations
@@ -95,16 +97,11 @@ def register_head_gate(
 
 
 def _apply_gate(x: torch.Tensor, gate: torch.Tensor, num_heads: int, where: str) -> torch.Tensor:
-    """Multiply the per-head slices of ``x (B, ..., H*D)`` by ``gate (B or 1, H)``."""
-    b = x.shape[0]
-    if gate.dim() != 2 or gate.shape[1] != num_heads or gate.shape[0] not in (1, b):
-        raise ProbeError(
-            f"{where}: gate of shape {tuple(gate.shape)} does not fit a batch of {b} with "
-            f"{num_heads} heads; pass gates of shape (heads,) per layer, or (batch, ...)"
-        )
-    xh = x.unflatten(-1, (num_heads, x.shape[-1] // num_heads))  # (B, ..., H, D)
-    g = gate.to(x.dtype).reshape(gate.shape[0], *([1] * (x.dim() - 2)), num_heads, 1)
-    return (xh * g).flatten(-2)
+    """Multiply the per-head slices of ``x (B, ..., H*D)`` by ``gate (B or 1, H)``
+    (:func:`probe.families.gating.apply_gate`)."""
+    from .families.gating import apply_gate
+
+    return apply_gate(x, gate, num_heads, where)
 
 
 def _install_timm_attention(module: nn.Module, get_gate: Callable[[], torch.Tensor | None]):
@@ -143,34 +140,82 @@ def _register_builtin() -> None:
 _register_builtin()
 
 
-def gateable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Attention modules of ``model`` that have a registered head gate, in module order.
+@dataclass(frozen=True)
+class _GateTarget:
+    """One gateable attention layer: its name (as :func:`probe.capture.find_attention_layers`
+    names it), module, head count and ``install(get_gate) -> remove``."""
+
+    name: str
+    module: nn.Module
+    num_heads: int
+    install: Callable[[Callable[[], "torch.Tensor | None"]], Callable[[], None]]
+
+
+def _targets(model: nn.Module, input_shape: tuple[int, int, int] | None = None
+             ) -> tuple[list[_GateTarget], list[str]]:
+    """Gateable layers of ``model`` in layer order, and ``"name (reason)"`` for the captured
+    layers that cannot be gated."""
+    from .capture import find_attention_layers
+
+    targets: list[_GateTarget] = []
+    refused: list[str] = []
+    seen: set[int] = set()
+    for layer in find_attention_layers(model, input_shape):
+        mod, rule = layer.module, layer.rule
+        adapter = _REGISTRY.get(type(mod))
+        if adapter is not None:
+            seen.add(id(mod))
+            targets.append(_GateTarget(layer.name, mod, int(adapter.num_heads(mod)),
+                                       lambda get, a=adapter, m=mod: a.install(m, get).remove))
+            continue
+        heads = rule.num_heads(mod)
+        if not rule.can_gate(mod) or heads is None:
+            refused.append(f"{layer.name} (rule {rule.name}: no head gate)")
+            continue
+        targets.append(_GateTarget(layer.name, mod, int(heads),
+                                   lambda get, r=rule, m=mod, h=int(heads): r.install_gate(m, h, get)))
+    # registered classes that no capture rule recognises (a user's gate without a rule)
+    if not targets:
+        for name, mod in model.named_modules():
+            adapter = _REGISTRY.get(type(mod))
+            if adapter is not None and id(mod) not in seen:
+                targets.append(_GateTarget(name, mod, int(adapter.num_heads(mod)),
+                                           lambda get, a=adapter, m=mod: a.install(m, get).remove))
+    return targets, refused
+
+
+def gateable_modules(model: nn.Module, input_shape: tuple[int, int, int] | None = None
+                     ) -> list[tuple[str, nn.Module]]:
+    """Attention layers of ``model`` that can be gated, in layer order.
+
+    These are the layers :func:`probe.capture.find_attention_layers` finds (for the functional
+    fallback: the layers found by an earlier call with ``input_shape``, or by this one when
+    ``input_shape`` ``(C, H, W)`` is given) whose module class has a registered gate or whose
+    capture rule installs one.
 
     Returns:
-        ``[(qualified name, module), ...]``; position ``i`` in this list is "layer ``i``" for
+        ``[(layer name, module), ...]``; position ``i`` in this list is "layer ``i``" for
         every function of this module (for a timm ViT, block ``i``).
     """
-    from .capture import _ensure_families  # the families register their gates with their rules
-
-    _ensure_families()
-    return [(n, m) for n, m in model.named_modules() if type(m) in _REGISTRY]
+    return [(t.name, t.module) for t in _targets(model, input_shape)[0]]
 
 
 class HeadGates:
-    """Per-head gates installed on the attention modules of a model (a context manager).
+    """Per-head gates installed on the attention layers of a model (a context manager).
 
     Args:
-        model: the model; its attention modules are found with :func:`gateable_modules`.
+        model: the model; its layers are found with :func:`gateable_modules`.
         layers: which layers to gate and how to number them (default all, numbered by
             position in :func:`gateable_modules`):
 
             * a sequence of indices into :func:`gateable_modules`, or
-            * a mapping ``{layer number: qualified module name}`` (e.g. the pipeline's
+            * a mapping ``{layer number: layer name}`` (e.g. the pipeline's
               ``meta["layer_names"]``, ``{0: "blocks.0.attn", ...}``), so that the ``layer``
-              reported here is the same number as in the other tables even where the capture
-              rules recognise modules that have no gate.
+              reported here is the same number as in the other tables.
 
             Heads of other layers are never touched.
+        input_shape: ``(C, H, W)``, needed only for a model whose attention the functional
+            fallback finds (function calls, no module) and that was not analysed before.
 
     Use::
 
@@ -184,34 +229,45 @@ class HeadGates:
     makes every hook a pass-through. Leaving the context removes all hooks.
 
     Raises:
-        ProbeError: if the model has no registered attention module, ``layers`` selects an
-            index outside it, or names a module that is missing or has no registered gate.
+        ProbeError: if the model has no gateable attention layer, ``layers`` selects an
+            index outside it, or names a layer that is missing or cannot be gated.
     """
 
     def __init__(
-        self, model: nn.Module, layers: Sequence[int] | Mapping[int, str] | None = None
+        self, model: nn.Module, layers: Sequence[int] | Mapping[int, str] | None = None,
+        input_shape: tuple[int, int, int] | None = None,
     ) -> None:
-        found = gateable_modules(model)
+        from .capture import _ensure_families  # the families register their gates with their rules
+
+        _ensure_families()
+        found, refused = _targets(model, input_shape)
         if isinstance(layers, Mapping):
-            modules = dict(model.named_modules())
-            chosen: list[tuple[int, nn.Module]] = []
+            by_name = {t.name: t for t in found}
+            chosen: list[tuple[int, _GateTarget]] = []
             for number, name in sorted((int(k), str(v)) for k, v in layers.items()):
-                mod = modules.get(name)
-                if mod is None or type(mod) not in _REGISTRY:
-                    what = "is not in the model" if mod is None else f"is a {type(mod).__name__}"
+                target = by_name.get(name)
+                if target is None:
+                    why = next((r for r in refused if r.startswith(f"{name} (")), None)
+                    mods = dict(model.named_modules())
+                    what = (f"cannot be gated: {why}" if why
+                            else "is not in the model" if name not in mods and ":" not in name
+                            else f"is a {type(mods[name]).__name__}, not a captured attention layer, "
+                                 "so it has no head gate" if name in mods
+                            else "is not an attention layer of the model, so it has no head gate")
                     raise ProbeError(
-                        f"layer {number} ({name}) {what}, which has no head gate; attribution "
-                        "supports timm ViT/DeiT attention (register others with "
-                        "probe.attribution.register_head_gate) - or use --attribution none"
+                        f"layer {number} ({name}) {what}; register a gate with "
+                        "probe.attribution.register_head_gate or CaptureRule.install_gate - or use "
+                        "--attribution none"
                     )
-                chosen.append((number, mod))
+                chosen.append((number, target))
         else:
             if not found:
                 known = ", ".join(sorted(t.__qualname__ for t in _REGISTRY)) or "none"
+                extra = f"; not gateable: {', '.join(refused[:3])}" if refused else ""
                 raise ProbeError(
-                    f"{type(model).__name__} has no attention module with a head gate "
-                    f"(known: {known}); use a timm ViT/DeiT or register one with "
-                    "probe.attribution.register_head_gate"
+                    f"{type(model).__name__} has no attention module with a head gate (registered "
+                    f"classes: {known}{extra}); register one with probe.attribution.register_head_gate "
+                    "or a capture rule with install_gate"
                 )
             idx = range(len(found)) if layers is None else [int(i) for i in layers]
             bad = [i for i in idx if not 0 <= i < len(found)]
@@ -220,15 +276,14 @@ class HeadGates:
                     f"layers {list(idx)} must be distinct indices in 0..{len(found) - 1} "
                     f"(the model has {len(found)} gateable attention layers)"
                 )
-            chosen = [(i, found[i][1]) for i in sorted(idx)]
+            chosen = [(i, found[i]) for i in sorted(idx)]
         if not chosen:
             raise ProbeError("no layer selected for head attribution; select at least one layer")
         self.model = model
         self.layers: list[int] = [n for n, _ in chosen]
-        self.modules: list[nn.Module] = [m for _, m in chosen]
-        self.num_heads: list[int] = [
-            _REGISTRY[type(m)].num_heads(m) for m in self.modules
-        ]
+        self._targets: list[_GateTarget] = [t for _, t in chosen]
+        self.modules: list[nn.Module] = [t.module for t in self._targets]
+        self.num_heads: list[int] = [t.num_heads for t in self._targets]
         offsets = np.concatenate([[0], np.cumsum(self.num_heads)])
         self._slices = [slice(int(a), int(b)) for a, b in zip(offsets[:-1], offsets[1:])]
         #: ``(layer, head)`` of each gate feature, layer-major.
@@ -236,7 +291,7 @@ class HeadGates:
             (layer, h) for layer, n in zip(self.layers, self.num_heads) for h in range(n)
         ]
         self._gate: torch.Tensor | None = None
-        self._handles: list[RemovableHandle] = []
+        self._handles: list[Callable[[], None]] = []
 
     @property
     def num_features(self) -> int:
@@ -273,30 +328,30 @@ class HeadGates:
 
     def __enter__(self) -> HeadGates:
         try:
-            for i, m in enumerate(self.modules):
-                self._handles.append(_REGISTRY[type(m)].install(m, self._getter(i)))
+            for i, t in enumerate(self._targets):
+                self._handles.append(t.install(self._getter(i)))
         except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        while self._handles:
+            self._handles.pop()()
         self._gate = None
 
 
 def unsupported_reason(
-    model: nn.Module, layers: Sequence[int] | Mapping[int, str] | None = None
+    model: nn.Module, layers: Sequence[int] | Mapping[int, str] | None = None,
+    input_shape: tuple[int, int, int] | None = None,
 ) -> str | None:
     """Why :class:`HeadGates` cannot gate these layers of ``model``, or ``None`` if it can.
 
-    For callers that skip the attribution with a note instead of failing (e.g. a Hugging Face
-    model, whose attention modules have no registered gate yet).
+    For callers that skip the attribution with a note instead of failing (a layer whose capture
+    rule has no gate, e.g. a user's rule without ``install_gate``).
     """
     try:
-        HeadGates(model, layers)
+        HeadGates(model, layers, input_shape)
     except ProbeError as e:
         return str(e)
     return None
@@ -340,10 +395,24 @@ def _check_images(images: torch.Tensor) -> None:
         )
 
 
+def as_logits(out: object) -> object:
+    """The logits of a model's output: the tensor itself, a ``transformers`` output's ``logits``
+    (``ImageClassifierOutput``), or the first element of a tuple; anything else unchanged (and
+    then refused by the caller)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return out
+
+
 def _logits(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
     outs = []
     for i in range(0, images.shape[0], batch_size):
-        out = model(images[i : i + batch_size])
+        out = as_logits(model(images[i : i + batch_size]))
         if not isinstance(out, torch.Tensor) or out.dim() != 2:
             raise ProbeError(
                 "the model's output is not a (batch, classes) logits tensor; attribution needs "
@@ -449,7 +518,7 @@ def attribute_heads(
     # IG needs autograd even when the caller runs under no_grad / inference_mode; images made
     # under inference_mode cannot be saved for backward, hence the clone.
     with torch.inference_mode(False), torch.enable_grad(), _inference_mode_params(model), \
-            HeadGates(model, layers) as gates:
+            HeadGates(model, layers, tuple(images.shape[1:])) as gates:
         images = images.clone() if images.is_inference() else images
         with torch.no_grad():
             logits = _logits(model, images, batch_size)
@@ -459,7 +528,7 @@ def attribute_heads(
         def forward(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             gates.set(g)
             try:
-                return model(x)
+                return as_logits(model(x))
             finally:
                 gates.set(None)
 
@@ -703,7 +772,7 @@ def ablation_check(
     _check_images(images)
     device = next(model.parameters()).device
     images = images.to(device)
-    with _inference_mode_params(model), HeadGates(model, layers) as gates, torch.no_grad():
+    with _inference_mode_params(model), HeadGates(model, layers, tuple(images.shape[1:])) as gates, torch.no_grad():
         index = {f: j for j, f in enumerate(gates.features)}
         unknown = [f for f in ranking if f not in index]
         if unknown:

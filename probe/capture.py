@@ -29,6 +29,7 @@ fallback for user modules that call ``F.scaled_dot_product_attention`` or a soft
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -72,6 +73,42 @@ class CaptureRule:
         before the class token joins); ``None`` leaves it to the options and the model."""
         return None
 
+    #: True for rules that recognise a module only to keep it (and its children) out of the
+    #: layers, e.g. an attention-pooling head whose single query attends to the patch tokens.
+    skip: bool = False
+
+    def num_heads(self, module: nn.Module) -> int | None:
+        """The module's head count, for head gates: ``num_heads`` or ``num_attention_heads``
+        (timm, ``nn.MultiheadAttention``, Hugging Face), else ``None``."""
+        for attr in ("num_heads", "num_attention_heads"):
+            value = getattr(module, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
+
+    def can_gate(self, module: nn.Module) -> bool:
+        """True if :meth:`install_gate` can gate this module's heads (default: the rule
+        overrides :meth:`install_gate`)."""
+        return type(self).install_gate is not CaptureRule.install_gate
+
+    def install_gate(self, module: nn.Module, num_heads: int,
+                     get_gate: Callable[[], "torch.Tensor | None"]) -> Restore:
+        """Install a head gate (:mod:`probe.attribution`) on this layer.
+
+        On every forward call the installed code calls ``get_gate()``: ``None`` means the module
+        runs exactly as without the gate; otherwise a tensor ``(batch or 1, num_heads)`` whose
+        column ``h`` multiplies head ``h``'s contribution (the head whose probabilities the rule
+        captures as head ``h``) before the output projection. Gradients must flow into the gate.
+        Primitives: :mod:`probe.families.gating`.
+
+        Returns:
+            A callable that removes the gate.
+
+        Raises:
+            NotImplementedError: the rule has no gate (the default).
+        """
+        raise NotImplementedError(f"capture rule {self.name} has no head gate")
+
 
 class TimmAttentionRule(CaptureRule):
     """timm attention modules that apply ``attn_drop`` to the softmax output.
@@ -108,6 +145,18 @@ class TimmAttentionRule(CaptureRule):
                     del module.fused_attn
 
         return restore
+
+    def can_gate(self, module: nn.Module) -> bool:
+        return isinstance(getattr(module, "proj", None), nn.Linear)
+
+    def install_gate(self, module: nn.Module, num_heads: int,
+                     get_gate: Callable[[], "torch.Tensor | None"]) -> Restore:
+        """Forward pre-hook on ``module.proj``, whose input ``(B, N, H·D)`` is the heads'
+        outputs head-major (after timm's optional ``norm``; see
+        :func:`probe.attribution._install_timm_attention`)."""
+        from .families.gating import gate_linear_input
+
+        return gate_linear_input(module.proj, num_heads, get_gate, f"{type(module).__name__} gate")
 
 
 _RULES: list[CaptureRule] = [TimmAttentionRule()]
@@ -176,9 +225,11 @@ class AttentionLayer:
 def find_attention_layers(model: nn.Module, input_shape: tuple[int, int, int] | None = None) -> list[AttentionLayer]:
     """Recognised attention modules of ``model`` in module order.
 
-    A module nested inside an already recognised one is not counted again. When no rule matches
-    any module and ``input_shape`` ``(C, H, W)`` is given, the registered fallbacks are tried
-    (e.g. attention computed by function calls, found in one forward pass on a zero image).
+    A module nested inside an already recognised one is not counted again (nor is one a
+    ``skip`` rule recognises). When no rule matches any module and ``input_shape`` ``(C, H, W)``
+    is given, the registered fallbacks are tried (e.g. attention computed by function calls,
+    found in one forward pass on a zero image); their layers are remembered for the model, so a
+    later call without ``input_shape`` returns them.
 
     Returns:
         The layers, numbered from 0.
@@ -191,15 +242,25 @@ def find_attention_layers(model: nn.Module, input_shape: tuple[int, int, int] | 
             continue
         for rule in _RULES:
             if rule.matches(mod):
-                found.append(AttentionLayer(len(found), qname, mod, rule))
+                if not rule.skip:
+                    found.append(AttentionLayer(len(found), qname, mod, rule))
                 taken.append(qname)
                 break
     if not found and input_shape is not None:
         for finder in _FALLBACKS:
             hits = finder(model, tuple(input_shape))
             if hits:
-                return [AttentionLayer(i, n, m, r) for i, (n, m, r) in enumerate(hits)]
+                layers = [AttentionLayer(i, n, m, r) for i, (n, m, r) in enumerate(hits)]
+                _FALLBACK_LAYERS[model] = layers
+                return layers
+    if not found and input_shape is None and model in _FALLBACK_LAYERS:
+        return list(_FALLBACK_LAYERS[model])
     return found
+
+
+#: The layers the fallbacks last found per model (so a later call without ``input_shape``, e.g.
+#: the head gates of :mod:`probe.attribution`, sees the same layers and names).
+_FALLBACK_LAYERS: "weakref.WeakKeyDictionary[nn.Module, list[AttentionLayer]]" = weakref.WeakKeyDictionary()
 
 
 def parse_layers(
@@ -280,14 +341,22 @@ class AttentionCapture:
             later forward passes raise :class:`StopForward` when it is about to run, so the rest
             of the model (later blocks, head) is skipped: the attention tensors are the same.
             Wrap the forward call in :meth:`forward`.
+        keep_graph: hand the sink the tensors as the rules emit them, still attached to the
+            autograd graph, instead of detached copies (default ``False``). For analyses that need
+            gradients with respect to the attention probabilities (e.g. the relevance of
+            :mod:`probe.analyses.rollout`); the sink may then keep them until the backward pass.
+            Only tensors that the model itself goes on to use (timm attention, Hugging Face eager
+            attention, the functional fallback) receive a gradient; derived copies (Swin's dense
+            window maps, ``nn.MultiheadAttention``'s reshaped weights) do not.
 
     On exit every hook is removed and every module restored, also after an exception.
     :attr:`counts` records how many tensors each layer delivered.
     """
 
     def __init__(self, layers: list[AttentionLayer], sink: Callable[[int, torch.Tensor], None],
-                 stop_before: nn.Module | None = None):
+                 stop_before: nn.Module | None = None, keep_graph: bool = False):
         self.layers = layers
+        self.keep_graph = keep_graph
         self.sink = sink
         self.counts = {layer.index: 0 for layer in layers}
         self._restores: list[Restore] = []
@@ -300,7 +369,7 @@ class AttentionCapture:
         def emit(attn: torch.Tensor) -> None:
             self.counts[index] += 1
             self._emits += 1
-            self.sink(index, attn.detach())
+            self.sink(index, attn if self.keep_graph else attn.detach())
 
         return emit
 
@@ -523,13 +592,18 @@ def _geometry_for(
     width: int,
     grid: tuple[int, int] | None,
     patch_size: float | tuple[float, float] | None,
+    exact: bool = False,
 ) -> "TokenGeometry | None":
+    """The first prefix count of ``candidates`` that leaves a grid; with ``exact``, only grids
+    whose cells tile the image with an integer pixel stride count."""
     from .geometry import TokenGeometry
 
     for pre in candidates:
         if pre < 0 or pre >= tokens:
             continue
         g = grid if grid is not None else _grid_from_tokens(tokens - pre, height, width)
+        if exact and g is not None and (height % g[0] or width % g[1]):
+            continue
         if g is not None and g[0] * g[1] == tokens - pre:
             if patch_size is None:
                 ppt = (height / g[0], width / g[1])
@@ -559,7 +633,9 @@ def infer_geometries(
     (:meth:`CaptureRule.num_prefix_tokens`), else ``num_prefix_tokens`` (``--prefix-tokens``),
     else the model's own ``num_prefix_tokens`` (timm) and, if that leaves no grid, the smallest
     count 0..16 that leaves a patch grid tiling the image. The grid comes from ``grid``, else from
-    the token count and the image's aspect ratio; pixels per token are ``(H / rows, W / cols)``
+    the token count and the image's aspect ratio (an inferred grid must tile the image with an
+    integer pixel stride unless ``patch_size`` is given: overlapping or cropped patches would
+    otherwise get a wrong spacing); pixels per token are ``(H / rows, W / cols)``
     unless ``patch_size`` is given, so a hybrid's CNN stem sets them through its feature-map size,
     not the patch embedding's ``patch_size``.
 
@@ -588,7 +664,18 @@ def infer_geometries(
             tried = f"the model's {model_prefix} prefix tokens and any prefix count 0-16"
         else:
             candidates, tried = list(range(17)), "any prefix count 0-16"
-        geom = _geometry_for(tokens, candidates, height, width, grid, patch_size)
+        exact = grid is None and patch_size is None
+        geom = _geometry_for(tokens, candidates, height, width, grid, patch_size, exact=exact)
+        loose = _geometry_for(tokens, candidates, height, width, grid, patch_size) if geom is None and exact else None
+        if loose is not None:
+            (r, c), (py, px) = loose.grid, loose.pixels_per_token
+            raise ProbeError(
+                f"{name}: layer {layer.index} ({layer.name}) has {tokens} tokens; a {r}x{c} patch grid "
+                f"after {loose.num_prefix_tokens} prefix tokens would put them {py:.4g}x{px:.4g} px apart, "
+                f"which does not tile the {height}x{width} input (overlapping or cropped patches, e.g. "
+                "Tensor.unfold with a stride below the patch size); set --patch-size to the stride in "
+                "pixels (and --grid RxC, --prefix-tokens) to match the model"
+            )
         if geom is None:
             grid_txt = f" with grid {grid[0]}x{grid[1]} (--grid)" if grid is not None else ""
             raise ProbeError(

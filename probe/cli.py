@@ -125,7 +125,8 @@ def analyze(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="default: probe's embedded attention-only CIFAR-10 model (Cordonnier et al. 2020; no download); or a timm name or alias (vit_small, deit_tiny, ...), package.module:factory, or hf:FOLDER / hf:ORG/NAME (Hugging Face)", rich_help_panel="Model"),
     weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="local checkpoint: .safetensors, or .pth/.pt read with weights_only=True", rich_help_panel="Model"),
     random_init: bool = typer.Option(False, "--random-init", help="analyse untrained weights (explicit opt-in)", rich_help_panel="Model"),
-    images: Optional[str] = typer.Option(None, "--images", "-i", help="folder, file or glob; default: scikit-learn's two sample photos", rich_help_panel="Images"),
+    images: Optional[str] = typer.Option(None, "--images", "-i", help="folder, file or glob; WebDataset tar shards ('shards-{000..003}.tar', a glob or a folder of .tar); hf-dataset:PATH[:split] (a datasets save_to_disk folder, .arrow or .parquet file); default: scikit-learn's two sample photos", rich_help_panel="Images"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="image-decoding worker processes (0: in this process); default min(4, CPUs - 1), 0 on at most 2 CPUs or for at most two batches", rich_help_panel="Images"),
     layers: str = typer.Option("all", "--layers", "-l", help="'all', a range '0-4' or a list '0,2,5'", rich_help_panel="Analyses"),
     num_images: Optional[int] = typer.Option(None, "--num-images", "-n", help="analyse at most N images (seeded random subset)", rich_help_panel="Images"),
     batch_size: int = typer.Option(16, "--batch-size", "-b", rich_help_panel="Images"),
@@ -182,7 +183,9 @@ def analyze(
         from .progress import RichProgress
 
         analysis_options = parse_assignments(set_option)
-        with RichProgress(console) as progress:  # one named bar per stage (capture, fits, ...)
+        from .data import workers_default
+
+        with workers_default(workers), RichProgress(console) as progress:  # one bar per stage (capture, fits, ...)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", UserWarning)
                 result = run_analysis(
@@ -284,6 +287,27 @@ def train(
     state = "finished" if summary["finished"] else "stopped (run the same command to resume)"
     console.print(f"{state} at step {summary['steps']}/{summary['total_steps']}, {summary['wall_s']:.0f} s"
                   + (f", test accuracy {acc:.4f}" if acc is not None else "") + f"\nrun folder: {out}")
+
+
+@app.command()
+def compare(
+    dirs: list[Path] = typer.Argument(..., help="two or more output folders of probe analyze (saved results)", show_default=False),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="output folder; default reports/compare-<timestamp>/"),
+    order: Optional[str] = typer.Option(None, "--order", help="'name' (folder names, ckpt2 before ckpt10) or a metadata key, e.g. weights or seed (numbers in numeric order); default: as given"),
+) -> None:
+    """Compare saved analyses (models, or checkpoints of one model) on relative depth: compare.html."""
+    from .comparison import check_out_not_input, compare as run_compare, default_out_dir
+    from .result import check_output_dir
+
+    try:
+        out_dir = check_output_dir(out if out is not None else default_out_dir())
+        check_out_not_input(out_dir, dirs)
+        report = run_compare([str(d) for d in dirs], order=order).write_report(out_dir)
+    except ProbeError as e:
+        raise _fail(str(e))
+    except KeyboardInterrupt:
+        raise _interrupted()
+    console.print(f"comparison: {report}\nper-layer table: {report.parent / 'compare_layers.csv'}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,14 +1,19 @@
-"""Images in: files, folders or globs, read lazily in batches with the model's eval transform.
+"""Images in: files, folders or globs, WebDataset tar shards, Hugging Face datasets / arrow /
+parquet files (:mod:`probe.sources`), read lazily in batches with the model's eval transform.
 
-Memory is one batch of images at a time. Unreadable files are skipped with a warning and counted.
-Without images, the two sample photos shipped inside scikit-learn (``china.jpg``, ``flower.jpg``)
-are used: they need no download.
+Decoding runs in a ``torch.utils.data.DataLoader`` with worker processes (:func:`iter_batches`,
+``--workers N``; :func:`default_workers` picks a number for the machine), in the images' order,
+with pinned memory when a CUDA GPU is present. Memory is the index of the images plus a few
+batches. Unreadable files are skipped with a warning, counted, and replaced from the reserve of a
+``--num-images`` subset. Without images, the two sample photos shipped inside scikit-learn
+(``china.jpg``, ``flower.jpg``) are used: they need no download.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
-import itertools
+import os
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -20,6 +25,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ProbeError
+from .sources import HF_PREFIX, LazyImage
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 DEFAULT_IMAGES = "scikit-learn sample photos (china.jpg, flower.jpg)"
@@ -43,6 +49,8 @@ class ImageSet:
     reserve: list[Any] = field(default_factory=list)
     #: folder that names are reported relative to (``images.txt``)
     root: Path | None = None
+    #: decoding worker processes for :func:`iter_batches` (None: :func:`default_workers`)
+    workers: int | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -58,7 +66,12 @@ class ImageSet:
 
     def names(self) -> list[str]:
         """File names (or given names) of the items."""
-        return [str(i[0]) if isinstance(i, tuple) else str(i) for i in self.items]
+        return [item_name(i) for i in self.items]
+
+
+def item_name(item: Any) -> str:
+    """The name of an :attr:`ImageSet.items` entry: a path, a lazy item's name, or a given name."""
+    return str(item[0]) if isinstance(item, tuple) else str(item)
 
 
 class TensorImages:
@@ -166,25 +179,62 @@ def default_images(input_side: int | None = None, num_views: int = 64, seed: int
     return ImageSet(items, f"{num_views} square views (48-160 px, seed {seed}) cut from the {DEFAULT_IMAGES}")
 
 
+def _source_items(source: str | Path) -> tuple[list[Any], str | None]:
+    """Items of one ``--images`` source and, for a dataset or shards, its description (None for files)."""
+    from .sources import hf_items, tar_items, tar_shards
+
+    text = str(source)
+    if text.startswith(HF_PREFIX):
+        return hf_items(text)
+    p = Path(text)
+    if p.is_dir():
+        files = _expand(p)
+        if files:
+            return files, None
+    shards = tar_shards(text)
+    if shards is not None:
+        items = tar_items(shards, IMAGE_SUFFIXES)
+        if not items:
+            raise ProbeError(f"the tar shard(s) {text!r} hold no image members ({', '.join(sorted(IMAGE_SUFFIXES)[:5])}, ...)")
+        return items, f"{len(shards)} tar shard(s) {text} ({len(items)} images)"
+    return _expand(source), None
+
+
 def collect_images(
     images: str | Path | Sequence[str | Path] | None,
     num_images: int | None = None,
     seed: int = 0,
     input_side: int | None = None,
+    *,
+    workers: int | None = None,
 ) -> ImageSet:
     """Resolve ``images`` to an :class:`ImageSet`.
 
     Args:
-        images: a folder (searched recursively), a file, a glob, a list of those, a list of
+        images: a folder (searched recursively), a file, a glob, WebDataset tar shards (a brace
+            pattern ``shards-{000..003}.tar``, a glob or a folder of ``.tar`` files), a Hugging
+            Face dataset ``"hf-dataset:PATH[:split]"`` (a ``save_to_disk`` folder, an ``.arrow``
+            or ``.parquet`` file; :mod:`probe.sources`), a list of those, a list of
             ``PIL.Image``, or ``None`` for the embedded default photos (:func:`default_images`).
         num_images: keep at most this many; when fewer than available, a seeded random subset
             (in sorted order) is taken so that a subset is not one class of a sorted folder.
         seed: seed of that subset.
         input_side: the model's input side (pixels), which picks the default images.
+        workers: decoding worker processes for :func:`iter_batches` (``ImageSet.workers``);
+            None: :func:`default_workers`.
 
     Raises:
-        ProbeError: for ``num_images < 1``, a missing path, or no image files.
+        ProbeError: for ``num_images < 1``, a missing path, no image files, a bad dataset or
+            shard specification, ``workers < 0``.
     """
+    found = _collect(images, num_images, seed, input_side)
+    if workers is not None:
+        _check_workers(workers)
+        found.workers = workers
+    return found
+
+
+def _collect(images: Any, num_images: int | None, seed: int, input_side: int | None) -> ImageSet:
     if num_images is not None and num_images < 1:
         raise ProbeError(f"--num-images must be at least 1, got {num_images}")
     if isinstance(images, Image.Image):
@@ -207,15 +257,23 @@ def collect_images(
             )
         if len(sources) == 1 and Path(sources[0]).is_dir():
             root = Path(sources[0])
-        paths: list[Path] = []
+        paths: list[Any] = []
+        described: list[str] = []
         for s in sources:
-            paths.extend(_expand(s))
+            items, what = _source_items(s)
+            paths.extend(items)
+            if what:
+                described.append(what)
         if not paths:
             raise ProbeError(
                 f"no image files found in {', '.join(map(str, sources))}; --images needs a folder, "
-                f"file or glob with {', '.join(sorted(IMAGE_SUFFIXES)[:5])}, ... files"
+                f"file or glob with {', '.join(sorted(IMAGE_SUFFIXES)[:5])}, ... files, tar shards or "
+                "hf-dataset:PATH"
             )
-        if len(sources) <= 3:
+        if described and len(described) == len(sources):
+            desc = "; ".join(described)
+            root = None
+        elif len(sources) <= 3:
             desc = ", ".join(map(str, sources))
         else:
             import os.path
@@ -255,7 +313,8 @@ def _to_8bit(im: Image.Image) -> Image.Image:
 
 
 def decode_image(item: Any, mode: str) -> Image.Image:
-    """The one decoding path: open, apply EXIF orientation (``ImageOps.exif_transpose``, as photo
+    """The one decoding path (files, in-memory ``(name, PIL.Image)`` pairs and the lazy items of
+    :mod:`probe.sources`): open, apply EXIF orientation (``ImageOps.exif_transpose``, as photo
     viewers do), scale 16/32-bit grayscale to 8 bits, convert to ``mode``.
 
     Raises:
@@ -264,10 +323,94 @@ def decode_image(item: Any, mode: str) -> Image.Image:
     """
     if isinstance(item, tuple):
         return _to_8bit(item[1]).convert(mode)
-    with Image.open(item) as im:
+    with Image.open(item.open() if isinstance(item, LazyImage) else item) as im:
         im = ImageOps.exif_transpose(im)
         return _to_8bit(im).convert(mode)
 
+
+
+#: Exceptions of a file that cannot be decoded (the image is skipped, not the run).
+_UNREADABLE = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
+               Image.DecompressionBombWarning, SyntaxError)
+#: Set by :func:`workers_default` (the CLI's ``--workers``).
+_WORKERS_OVERRIDE: int | None = None
+
+
+def _check_workers(workers: Any) -> None:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ProbeError(f"--workers must be a non-negative integer (0: decode in this process), got {workers!r}")
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (``os.sched_getaffinity``; ``os.cpu_count`` elsewhere)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def default_workers(num_images: int | None = None, batch_size: int | None = None) -> int:
+    """Decoding worker processes when none are asked for: ``min(4, CPUs − 1)`` (one CPU is left
+    for the forward pass, and more than four rarely pay for a ViT's batch); 0 (decode in this
+    process) on at most two CPUs — there a worker only takes a core from the forward pass, which
+    is the bottleneck (``bench/RESULTS-loader.md``: decoding 290 images/s, DeiT-Tiny's forward 48)
+    — and for at most two batches of images, where starting workers costs more than it saves.
+    :func:`workers_default` overrides it.
+    """
+    if _WORKERS_OVERRIDE is not None:
+        return _WORKERS_OVERRIDE
+    cpus = cpu_count()
+    n = min(4, cpus - 1) if cpus > 2 else 0
+    if n <= 0 or (num_images is not None and batch_size is not None and num_images <= 2 * batch_size):
+        return 0
+    return n
+
+
+@contextlib.contextmanager
+def workers_default(workers: int | None) -> Iterator[None]:
+    """Within the block, :func:`default_workers` returns ``workers`` (None: no override).
+
+    Raises:
+        ProbeError: for a negative or non-integer ``workers``.
+    """
+    global _WORKERS_OVERRIDE
+    if workers is not None:
+        _check_workers(workers)
+    before, _WORKERS_OVERRIDE = _WORKERS_OVERRIDE, workers
+    try:
+        yield
+    finally:
+        _WORKERS_OVERRIDE = before
+
+
+class _DecodedChunks(torch.utils.data.Dataset):
+    """Chunk ``k``: items ``[k * size, (k + 1) * size)`` decoded and transformed.
+
+    Returns ``(entries, tensor)``: ``entries`` one ``(name, error or None)`` per item in order,
+    ``tensor`` the readable ones stacked ``(n_ok, C, H, W)`` (None when none is readable).
+    """
+
+    def __init__(self, items: Sequence[Any], transform: Callable, mode: str, size: int) -> None:
+        self.items, self.transform, self.mode, self.size = items, transform, mode, size
+
+    def __len__(self) -> int:
+        return -(-len(self.items) // self.size)
+
+    def __getitem__(self, k: int) -> tuple[list[tuple[str, str | None]], torch.Tensor | None]:
+        entries: list[tuple[str, str | None]] = []
+        tensors = []
+        for item in self.items[k * self.size:(k + 1) * self.size]:
+            name = item_name(item)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                    img = decode_image(item, self.mode)
+            except _UNREADABLE as e:
+                entries.append((name, " ".join(str(e).split())[:200] or type(e).__name__))
+                continue
+            tensors.append(self.transform(img))
+            entries.append((name, None))
+        return entries, (torch.stack(tensors) if tensors else None)
 
 
 def iter_batches(
@@ -275,41 +418,96 @@ def iter_batches(
     transform: Callable[[Image.Image], torch.Tensor],
     batch_size: int,
     mode: str = "RGB",
+    *,
+    workers: int | None = None,
+    pin_memory: bool | None = None,
 ) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """Yield ``(batch (B, C, H, W) float32, names)`` reading lazily, one batch in memory.
+    """Yield ``(batch (B, C, H, W) float32, names)``: the images decoded in a
+    ``torch.utils.data.DataLoader`` (chunks of ``batch_size`` images per worker, returned in
+    order), a few batches in memory.
 
-    Unreadable files are skipped with a ``UserWarning`` and appended to ``images.skipped``.
+    The batches are the same, in the same order, whatever the number of workers. Unreadable
+    files are skipped with a ``UserWarning`` (in this process, in order) and appended to
+    ``images.skipped``; as many images of ``images.reserve`` as were skipped are then read in
+    their place (again, until the reserve is used up), so a ``--num-images N`` subset yields N
+    readable images when the source has them. Reserve images are read only when needed.
+
+    Args:
+        images: the images.
+        transform: PIL image -> ``(C, H, W)`` float tensor (run in the workers).
+        batch_size: images per batch (the last may be smaller).
+        mode: PIL mode the images are converted to (``"RGB"``, ``"L"``).
+        workers: decoding worker processes; 0 decodes in this process; None:
+            ``images.workers``, else 0 for in-memory PIL images and :func:`default_workers`
+            for files and lazy items.
+        pin_memory: batches in page-locked memory for fast, asynchronous copies to a GPU
+            (``batch.to("cuda", non_blocking=True)``); None or True: when CUDA is available
+            (without CUDA there is nothing to pin for); False: never.
 
     Raises:
-        ProbeError: if ``batch_size < 1`` or no image at all could be read.
+        ProbeError: if ``batch_size < 1``, ``workers < 0``, or no image at all could be read.
     """
     if batch_size < 1:
         raise ProbeError(f"--batch-size must be at least 1, got {batch_size}")
-    buf: list[torch.Tensor] = []
-    names: list[str] = []
-    n_ok = 0
+    if workers is None:
+        workers = getattr(images, "workers", None)
+    if workers is not None:
+        _check_workers(workers)
+    pin = torch.cuda.is_available() and (pin_memory is None or bool(pin_memory))  # pinning needs CUDA
     wanted = len(images.items)
-    for item in itertools.chain(images.items, images.reserve):  # the reserve replaces unreadable ones
-        if n_ok >= wanted:
-            break
-        name = str(item[0]) if isinstance(item, tuple) else str(item)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = decode_image(item, mode)
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
-                Image.DecompressionBombWarning, SyntaxError) as e:
-            images.skipped.append(name)
-            warnings.warn(f"skipping unreadable image {name}: {' '.join(str(e).split())[:200]}", stacklevel=2)
-            continue
-        buf.append(transform(img))
-        names.append(name)
-        n_ok += 1
-        if len(buf) == batch_size:
-            yield torch.stack(buf), names
-            buf, names = [], []
-    if buf:
-        yield torch.stack(buf), names
+    pieces: list[torch.Tensor] = []
+    names: list[str] = []
+    n_pending = n_ok = 0
+
+    def take(k: int) -> torch.Tensor:
+        out, need = [], k
+        while need:
+            p = pieces[0]
+            if p.shape[0] <= need:
+                out.append(pieces.pop(0))
+                need -= p.shape[0]
+            else:
+                out.append(p[:need])
+                pieces[0] = p[need:]
+                need = 0
+        if len(out) == 1:
+            return out[0]
+        batch = torch.cat(out)
+        return batch.pin_memory() if pin else batch
+
+    todo: Sequence[Any] = images.items
+    next_reserve = 0
+    while len(todo):
+        if workers is not None:
+            n_workers = workers
+        elif all(isinstance(i, tuple) for i in todo):  # in-memory images: nothing to decode in parallel
+            n_workers = 0
+        else:
+            n_workers = default_workers(len(todo), batch_size)
+        chunks = _DecodedChunks(todo, transform, mode, batch_size)
+        loader = torch.utils.data.DataLoader(chunks, batch_size=None, shuffle=False,
+                                             num_workers=min(n_workers, len(chunks)), pin_memory=pin)
+        for entries, tensor in loader:
+            for name, err in entries:
+                if err is not None:
+                    images.skipped.append(name)
+                    warnings.warn(f"skipping unreadable image {name}: {err}", stacklevel=2)
+                else:
+                    names.append(name)
+            if tensor is not None:
+                pieces.append(tensor)
+                n_pending += tensor.shape[0]
+                n_ok += tensor.shape[0]
+            while n_pending >= batch_size:
+                batch = take(batch_size)
+                yield batch, names[:batch_size]
+                del names[:batch_size]
+                n_pending -= batch_size
+        missing = wanted - n_ok  # the reserve replaces unreadable ones, as many as were skipped
+        todo = images.reserve[next_reserve:next_reserve + missing] if missing > 0 else []
+        next_reserve += len(todo)
+    if n_pending:
+        yield take(n_pending), names
     if n_ok == 0:
         raise ProbeError(
             f"none of the {len(images.items)} image file(s) in {images.description} could be read "

@@ -70,7 +70,9 @@ class AnalysisResult:
         return {l: s.center_map(query).numpy() for l, s in self.stats.items()}
 
     def write_report(self, out_dir: str | Path, query: tuple[int, int] | int | None = None) -> Path:
-        """Write ``report.html``, ``heads.csv``, ``layers.csv`` and ``images.txt`` to ``out_dir``.
+        """Write ``report.html``, ``heads.csv``, ``layers.csv`` and ``images.txt`` to ``out_dir``,
+        with the saved-result files (``result.json``, ``stats.safetensors``, see :meth:`save`) so
+        that :func:`probe.load` reads the folder back.
 
         Everything is rendered in memory first and each file is written atomically
         (temporary file + rename), so a failure never leaves a half-written report.
@@ -106,15 +108,125 @@ class AnalysisResult:
             center_maps=maps,
             query_rc=query_rc,
             extras=self.extras,
+            mean_attn={l: s.mean_attn.numpy() for l, s in self.stats.items()},
+            grids={l: tuple(s.geometry.grid) for l, s in self.stats.items()},
+            photo=self.extras.get("example_image"),
         )
+        from .saved import saved_files
+
         files = {
-            "heads.csv": self.heads.to_csv(index=False),
-            "layers.csv": self.layers.to_csv(index=False),
+            **saved_files(self),  # heads.csv, layers.csv, result.json, stats: the folder loads again
             "images.txt": "\n".join(self.meta.get("image_names", [])) + "\n",
             "report.html": html,
         }
         write_output_set(out, files)
         return out / "report.html"
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Save the result (tables, metadata, streaming statistics, further analyses' results)
+        to ``out_dir`` without a report; :func:`probe.load` reads it back.
+
+        The folder format is described in :mod:`probe.saved` (``result.json``, ``heads.csv``,
+        ``layers.csv``, ``stats.safetensors``, ``extras.safetensors``, ``images.txt``; no pickle).
+        :meth:`write_report` writes the same files beside ``report.html``, so every report
+        folder loads as well. Written as one set (:func:`write_output_set`): an earlier probe
+        output in ``out_dir`` is replaced as a whole.
+
+        Returns:
+            ``out_dir`` as a :class:`~pathlib.Path`.
+
+        Raises:
+            ProbeError: as :func:`check_output_dir`; metadata that cannot be stored.
+        """
+        from .saved import saved_files
+
+        out = check_output_dir(out_dir)
+        files = {**saved_files(self), "images.txt": "\n".join(self.meta.get("image_names", [])) + "\n"}
+        write_output_set(out, files)
+        return out
+
+    def rerun(self, *, fits: bool = True, anisotropic: bool = False, conv_test: bool = True,
+              conv_config: Any = None, random_init_scores: dict[int, list[float]] | None = None) -> "AnalysisResult":
+        """The fits and the conv test run again on the saved statistics, with other settings,
+        without the model (e.g. on a result from :func:`probe.load`).
+
+        The base tables are rebuilt from :attr:`stats` (:func:`probe.tables.heads_frame`), the
+        quadratic fits (:func:`probe.steps.add_quadratic_fits`) and the conv test
+        (:func:`probe.steps.add_conv_test`) run on them, and the columns of the other analyses
+        (e.g. ``importance_*``) are carried over. The conv test's random-init null (a) needs
+        forward passes of random-init copies of the model: it is applied only when
+        ``random_init_scores`` is given (``{layer: [score per seed]}``, e.g.
+        ``result.extras["convlike"].random_init_scores`` when the thresholds are unchanged);
+        otherwise ``meta["conv_null_status"]`` is ``"needs the model"`` and the report says so.
+
+        Args:
+            fits: fit Δ and α (needed by the conv test).
+            anisotropic: also fit the full 2x2 covariance form.
+            conv_test: run the conv test (implies ``fits``).
+            conv_config: a :class:`~probe.analyses.convlike.ConvLikeConfig`; default the saved
+                test's config, else ``ConvLikeConfig(seed=meta["seed"])``.
+            random_init_scores: null (a) scores to apply, see above.
+
+        Returns:
+            a new :class:`AnalysisResult` (this one is not changed).
+
+        Raises:
+            ProbeError: for a bad ``conv_config`` or ``random_init_scores`` naming unknown layers.
+        """
+        import copy
+        import time
+
+        from .analyses.convlike import ConvLikeConfig
+        from .errors import ProbeError
+        from .steps import add_conv_test, add_quadratic_fits
+        from .tables import heads_frame, layers_frame
+
+        if conv_config is not None and not isinstance(conv_config, ConvLikeConfig):
+            raise ProbeError(f"conv_config must be a ConvLikeConfig, got {type(conv_config).__name__}")
+        stats = list(self.stats.values())
+        heads = heads_frame(stats)
+        new = AnalysisResult(heads=heads, layers=layers_frame(heads, stats), stats=dict(self.stats),
+                             geometry=self.geometry, meta=copy.deepcopy(self.meta),
+                             extras={k: v for k, v in self.extras.items() if k not in ("quadratic", "convlike")})
+        meta = new.meta
+        for k in [k for k in meta if k.startswith("conv_null")]:
+            del meta[k]
+        if fits or conv_test:
+            add_quadratic_fits(new, anisotropic=anisotropic)
+        cfg = None
+        if conv_test:
+            old = self.extras.get("convlike")
+            cfg = conv_config or getattr(old, "config", None) or ConvLikeConfig(seed=int(meta.get("seed", 0)))
+            add_conv_test(new, cfg, random_init_scores or None)
+            given = random_init_scores or {}
+            meta["conv_null_layers_rule"] = (self.meta.get("conv_null_layers_rule", "all") if given
+                                             else "needs the model")
+            meta["conv_null_status"] = "run" if given else "needs the model"
+            meta["conv_null_layers"] = sorted(int(l) for l in given)
+            meta["conv_null_seeds"] = len(next(iter(given.values()), []))
+            meta["conv_null_images"] = int(self.meta.get("conv_null_images", 0)) if given else 0
+        keep = [c for c in self.heads.columns if c not in new.heads.columns and c not in ("layer", "head")
+                and not c.startswith(("conv_", "aniso_")) and c not in _FIT_COLUMNS]
+        if keep:
+            new.heads = new.heads.merge(self.heads[["layer", "head", *keep]], on=["layer", "head"], how="left")
+        lkeep = [c for c in self.layers.columns if c not in new.layers.columns and not c.startswith("conv_")]
+        if lkeep:
+            new.layers = new.layers.merge(self.layers[["layer", *lkeep]], on="layer", how="left")
+        from dataclasses import asdict
+
+        meta["rerun"] = {"fits": bool(fits or conv_test), "anisotropic": bool(anisotropic),
+                         "conv_test": bool(conv_test), "conv_config": asdict(cfg) if cfg is not None else None,
+                         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        return new
+
+
+#: Heads-table columns of the quadratic fits (:meth:`probe.analyses.quadratic.QuadraticFit.to_frame`
+#: and ``r90_empirical_patches``), dropped by :meth:`AnalysisResult.rerun` before it fits again.
+_FIT_COLUMNS = frozenset((
+    "delta_row", "delta_col", "delta_row_px", "delta_col_px", "alpha", "sigma_patches", "r50_patches",
+    "r90_patches", "b_row", "b_col", "quad_loglik_nats", "quad_ll_gain_nats", "quad_kl_fit_nats",
+    "quad_kl_explained", "delta_row_se", "delta_col_se", "delta_row_px_se", "delta_col_px_se", "alpha_se",
+    "quad_local", "quad_converged", "quad_status", "r90_empirical_patches"))
 
 
 #: The file in every output folder probe writes, listing the files of the set.
@@ -194,8 +306,8 @@ def _exchange(a: Path, b: Path) -> bool:
     return rc == 0
 
 
-def write_output_set(out_dir: str | Path, files: dict[str, str]) -> None:
-    """Write ``files`` (``{name: text}``) as one set: afterwards ``out_dir`` holds either the
+def write_output_set(out_dir: str | Path, files: dict[str, str | bytes]) -> None:
+    """Write ``files`` (``{name: text or bytes}``) as one set: afterwards ``out_dir`` holds either the
     complete earlier set or the complete new one, never a mix.
 
     The files are written and flushed into a hidden sibling folder, which then replaces
@@ -229,7 +341,8 @@ def write_output_set(out_dir: str | Path, files: dict[str, str]) -> None:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{prefix}{os.getpid()}-"))
     try:
         for name, text in {**files, MARKER: json.dumps({"files": sorted(files)}) + "\n"}.items():
-            with open(tmp / name, "w", encoding="utf-8") as f:
+            binary = isinstance(text, (bytes, bytearray))
+            with open(tmp / name, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())

@@ -237,3 +237,122 @@ def cnn() -> nn.Module:
     model = nn.Sequential(nn.Conv2d(3, 8, 3, 2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
     model.pretrained_cfg = {"input_size": (3, 32, 32)}
     return model
+
+
+# --------------------------------------------------------------------------- separate heads, 3-D scores
+class Head(nn.Module):
+    """One attention head as its own module (the tutorial pattern): ``softmax(q @ k^T * scale)``
+    of shape ``(batch, T, T)``, the values projected after the softmax."""
+
+    def __init__(self, dim: int, head_dim: int):
+        super().__init__()
+        self.key = nn.Linear(dim, head_dim, bias=False)
+        self.query = nn.Linear(dim, head_dim, bias=False)
+        self.value = nn.Linear(dim, head_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, q = self.key(x), self.query(x)
+        wei = F.softmax(q @ k.transpose(-2, -1) * k.shape[-1] ** -0.5, dim=-1)
+        return wei @ self.value(x)
+
+
+class PerHeadAttention(nn.Module):
+    """``nn.ModuleList`` of :class:`Head` modules, outputs concatenated then projected."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = nn.ModuleList([Head(dim, dim // heads) for _ in range(heads)])
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.cat([h(x) for h in self.heads], dim=-1))
+
+
+class Fused3dAttention(HandAttention):
+    """Scores formed 4-D, flattened to ``(batch·heads, T, T)`` for the softmax, then reshaped back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        split = lambda t: t.reshape(b, n, self.heads, c // self.heads).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x))
+        scores = (q @ k.transpose(-2, -1) * self.scale).reshape(b * self.heads, n, n)
+        attn = torch.softmax(scores, dim=-1).reshape(b, self.heads, n, n)
+        return self.out((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+def perhead_vit() -> nn.Module:
+    """Separate per-head modules (4 heads per layer), 1 class token, 4x4 grid of 8 px."""
+    model = TinyViT(PerHeadAttention)
+    model.pretrained_cfg = {"input_size": (3, 32, 32), "crop_pct": 1.0}
+    return model
+
+
+def fused3d_vit() -> nn.Module:
+    """Softmax over 3-D ``(batch·heads, T, T)`` scores, 1 class token, 4x4 grid of 8 px."""
+    model = TinyViT(Fused3dAttention)
+    model.pretrained_cfg = {"input_size": (3, 32, 32), "crop_pct": 1.0}
+    return model
+
+
+# --------------------------------------------------------------------------- no class token, no conv
+class UnfoldViT(nn.Module):
+    """Patches cut with ``Tensor.unfold`` (no conv), linear embedding, no prefix token; readout by
+    mean pooling (``readout="mean"``) or from token 0 (``readout="token0"``)."""
+
+    def __init__(self, img: int = 32, patch: int = 8, stride: int | None = None, dim: int = 32, depth: int = 2,
+                 heads: int = 4, readout: str = "mean"):
+        super().__init__()
+        self.patch, self.stride, self.readout = patch, stride or patch, readout
+        side = (img - patch) // self.stride + 1
+        self.embed = nn.Linear(3 * patch * patch, dim)
+        self.pos_embed = nn.Parameter(torch.randn(1, side * side, dim) * 0.02)
+        self.blocks = nn.Sequential(*[Block(dim, HandAttention(dim, heads)) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p, s = self.patch, self.stride
+        patches = x.unfold(2, p, s).unfold(3, p, s)  # (B, C, rows, cols, p, p)
+        b, c, rows, cols = patches.shape[:4]
+        tokens = patches.permute(0, 2, 3, 1, 4, 5).reshape(b, rows * cols, c * p * p)
+        x = self.blocks(self.embed(tokens) + self.pos_embed)
+        x = self.norm(x)
+        return self.head(x.mean(1) if self.readout == "mean" else x[:, 0])
+
+
+def unfold_mean_vit() -> nn.Module:
+    """``Tensor.unfold`` patches, mean-pooled: 0 prefix tokens, 4x4 grid of 8 px."""
+    model = UnfoldViT(readout="mean")
+    model.pretrained_cfg = {"input_size": (3, 32, 32), "crop_pct": 1.0}
+    return model
+
+
+def unfold_token0_vit() -> nn.Module:
+    """``Tensor.unfold`` patches, read out from token 0 (a patch, not a class token)."""
+    model = UnfoldViT(readout="token0")
+    model.pretrained_cfg = {"input_size": (3, 32, 32), "crop_pct": 1.0}
+    return model
+
+
+def unfold_overlap_vit() -> nn.Module:
+    """Overlapping ``unfold`` patches (8 px, stride 4) on 32 px: 7x7 tokens, 4 px apart, which a
+    grid inferred from the token count alone would put 32/7 px apart: needs ``--patch-size 4``."""
+    model = UnfoldViT(stride=4)
+    model.pretrained_cfg = {"input_size": (3, 32, 32), "crop_pct": 1.0}
+    return model
+
+
+# --------------------------------------------------------------------------- relative position, rotary
+def beit() -> nn.Module:
+    """timm BEiT: relative position bias per block, 1 class token, 4x4 grid of 16 px."""
+    return _timm("beit_base_patch16_224", (3, 64, 64), img_size=64, embed_dim=24, depth=2, num_heads=2)
+
+
+def eva02() -> nn.Module:
+    """timm EVA-02: rotary position embedding (RoPE) on q and k, SwiGLU, 1 class token, 4x4 grid."""
+    return _timm("eva02_tiny_patch14_224", (3, 56, 56), img_size=56, embed_dim=24, depth=2, num_heads=2)
+
+
+def eva_clip() -> nn.Module:
+    """timm CLIP tower ``vit_base_patch16_clip_224`` layout (pre-norm, class token), shrunk."""
+    return _timm("vit_base_patch16_clip_224", (3, 64, 64), img_size=64, embed_dim=24, depth=2, num_heads=2)

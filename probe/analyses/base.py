@@ -58,7 +58,8 @@ CORE = "distance_entropy"
 
 #: Modules whose import registers probe's own analyses, loaded on first use of the registry. A
 #: new analysis module inside probe (``probe/analyses/nmi.py``, ...) adds its name here.
-BUILTIN_MODULES: tuple[str, ...] = ("probe.steps",)
+BUILTIN_MODULES: tuple[str, ...] = ("probe.steps", "probe.analyses.distance_modes", "probe.analyses.nmi",
+                                    "probe.analyses.rollout", "probe.analyses.sinks")
 
 
 class Reducer(Protocol):

@@ -4,7 +4,9 @@ module per family.
 Importing this package (done by :mod:`probe`) registers every family's capture rules:
 
 * :mod:`.cordonnier` — the attention-only models of :mod:`probe.cordonnier` (Cordonnier et al. 2020);
-* :mod:`.hf` — Hugging Face ``transformers`` ViT/DeiT/DINOv2 (imports ``transformers`` only inside
+* :mod:`.gating` — head-gate primitives the rules use for attribution (no rule of its own);
+* :mod:`.hf` — Hugging Face ``transformers`` ViT/DeiT/DINOv2(-reg), CLIP/SigLIP vision, BEiT,
+  ViT-MAE (imports ``transformers`` only inside
   its functions, so importing it is cheap and safe when that optional extra is not installed);
 * :mod:`.timm_extra` — ConViT's gated positional attention (no class token in the local layers),
   Swin's window attention mapped back to image positions, CaiT's talking heads, a refusal for
@@ -12,12 +14,12 @@ Importing this package (done by :mod:`probe`) registers every family's capture r
 * :mod:`.torch_nn` — ``nn.MultiheadAttention`` (``nn.TransformerEncoderLayer``, torchvision ViT,
   user modules) with per-head weights and the fused fast path switched off;
 * :mod:`.functional` — the fallback for user modules without a recognised attention module: calls
-  of ``F.scaled_dot_product_attention`` and softmax over ``(batch, heads, T, T)`` scores, found in
-  one forward pass.
+  of ``F.scaled_dot_product_attention`` and softmax over ``(batch, heads, T, T)`` or
+  ``(batch·heads, T, T)`` scores and per-head modules, found in one forward pass.
 
 How to add a rule for a new attention module: :mod:`probe.capture` and ``docs/capture.md``.
 """
 
-from . import cordonnier, functional, hf, timm_extra, torch_nn  # noqa: F401
+from . import cordonnier, functional, gating, hf, timm_extra, torch_nn  # noqa: F401
 
-__all__ = ["cordonnier", "functional", "hf", "timm_extra", "torch_nn"]
+__all__ = ["cordonnier", "functional", "gating", "hf", "timm_extra", "torch_nn"]

@@ -1,5 +1,6 @@
 """Hugging Face ``transformers`` vision transformers: ViT, DeiT (distilled), DINOv2, DINOv2 with
-registers.
+registers, CLIP and SigLIP vision towers, BEiT (relative position bias), the ViT-MAE encoder
+(unmasked: ``mask_ratio = 0``, identity shuffle).
 
 Optional extra ``probe[hf]``. This module imports ``transformers`` only inside its functions, so
 importing it (which registers :class:`HFEagerAttentionRule`) costs nothing and never fails when
@@ -28,6 +29,8 @@ Token layout (prefix tokens first, then the patch grid in row-major order):
 * DINOv2 (Oquab et al. 2023, arXiv 2304.07193): 1 prefix token (class).
 * DINOv2 with registers (Darcet et al. 2024, arXiv 2309.16588): 1 + ``num_register_tokens``
   (class, then the registers).
+* CLIP (Radford et al. 2021): 1 (the 1-D ``class_embedding``); SigLIP (Zhai et al. 2023): 0, its
+  attention-pooling head is not a layer; BEiT (Bao et al. 2022): 1; ViT-MAE (He et al. 2022): 1.
 
 The input transform comes from the folder's ``preprocessor_config.json`` when there is one (see
 :func:`data_config_from_processor`), else from the model config's ``image_size`` with the family's
@@ -56,6 +59,10 @@ SUPPORTED_FAMILIES: dict[str, str] = {
     "deit": "DeiT",
     "dinov2": "DINOv2",
     "dinov2_with_registers": "DINOv2 with registers",
+    "clip": "CLIP vision tower",
+    "siglip": "SigLIP vision tower",
+    "beit": "BEiT (relative position bias)",
+    "vit_mae": "ViT-MAE encoder (unmasked)",
 }
 
 #: ``(mean, std, interpolation)`` per family, used only when a model has no
@@ -67,6 +74,10 @@ FAMILY_NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...], str]
     "deit": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic"),
     "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic"),
     "dinov2_with_registers": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic"),
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711), "bicubic"),
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic"),
+    "beit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic"),
+    "vit_mae": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic"),
 }
 
 #: PIL resampling codes (``PIL.Image.Resampling``) -> timm interpolation names.
@@ -141,8 +152,40 @@ class HFEagerAttentionRule(CaptureRule):
 
         return restore
 
+    def can_gate(self, module: nn.Module) -> bool:
+        from .gating import find_linear
+
+        return find_linear(module, ("o_proj", "out_proj", "proj")) is not None
+
+    def install_gate(self, module: nn.Module, num_heads: int, get_gate) -> Restore:
+        """Forward pre-hook on the module's output projection (``o_proj`` / ``out_proj``), whose
+        input ``attn_output.reshape(B, T, H·D)`` is head-major; window attention (Swin) repeats
+        each image's gate over its windows."""
+        from .gating import find_linear, gate_linear_input
+
+        proj = find_linear(module, ("o_proj", "out_proj", "proj"))
+        return gate_linear_input(proj, num_heads, get_gate, f"{type(module).__name__} gate", windows=True)
+
+
+class HFAttentionPoolingSkipRule(CaptureRule):
+    """SigLIP's attention-pooling head (``*MultiheadAttentionPoolingHead``): one learned probe
+    query attends to the patch tokens through an ``nn.MultiheadAttention``. It is not
+    self-attention among tokens, so it is kept out of the layers (``skip``) instead of being
+    refused, and the encoder's layers are analysed."""
+
+    name = "hf-attention-pooling (not a layer)"
+    skip = True
+
+    def matches(self, module: nn.Module) -> bool:
+        cls = type(module)
+        return cls.__module__.startswith("transformers.") and cls.__name__.endswith("AttentionPoolingHead")
+
+    def install(self, module: nn.Module, emit: Emit) -> Restore:  # pragma: no cover - never a layer
+        raise CaptureError("an attention-pooling head is not a layer")
+
 
 register_rule(HFEagerAttentionRule())
+register_rule(HFAttentionPoolingSkipRule())
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,6 +348,9 @@ def prefix_token_count(model: nn.Module) -> int | None:
     """
     base = getattr(model, "base_model", model)
     emb = getattr(base, "embeddings", None)
+    if emb is None:  # e.g. CLIP / SigLIP classifiers: the tower is base.vision_model
+        emb = next((m for n, m in base.named_modules() if n.endswith("embeddings")
+                    and (hasattr(m, "patch_embedding") or hasattr(m, "patch_embeddings"))), None)
     if emb is None:
         return None
     count, found = 0, False
@@ -313,6 +359,12 @@ def prefix_token_count(model: nn.Module) -> int | None:
         if isinstance(t, torch.Tensor) and t.dim() == 3:
             count += int(t.shape[1])
             found = True
+    t = getattr(emb, "class_embedding", None)  # CLIP: a (D,) class embedding
+    if isinstance(t, torch.Tensor) and t.dim() == 1:
+        count += 1
+        found = True
+    if not found and (hasattr(emb, "patch_embedding") or hasattr(emb, "patch_embeddings")):
+        return 0  # patch tokens only (SigLIP)
     return count if found else None
 
 
@@ -359,10 +411,10 @@ def data_config_from_processor(config: Any, processor: dict[str, Any] | None) ->
         non-square ``size`` with a crop is scaled by the height ratio in both directions; a
         ``rescale_factor`` other than 1/255 is not represented.
     """
+    family = getattr(config, "model_type", "")
+    config = _vision_config(config)
     channels = int(getattr(config, "num_channels", 3) or 3)
-    mean, std, interp = FAMILY_NORMALIZATION.get(
-        getattr(config, "model_type", ""), ((0.5,) * 3, (0.5,) * 3, "bicubic")
-    )
+    mean, std, interp = FAMILY_NORMALIZATION.get(family, ((0.5,) * 3, (0.5,) * 3, "bicubic"))
     native = _pair(getattr(config, "image_size", None)) or (224, 224)
     cfg: dict[str, Any] = {
         "input_size": (channels, *native),
@@ -418,8 +470,27 @@ def _fit_channels(cfg: dict[str, Any], channels: int) -> dict[str, Any]:
     return cfg
 
 
+def _vision_config(config: Any) -> Any:
+    """The vision part of a multi-modal config (CLIP, SigLIP: ``vision_config``), else ``config``."""
+    sub = getattr(config, "vision_config", None)
+    return sub if sub is not None and not hasattr(config, "image_size") else config
+
+
 def _native_size(config: Any) -> tuple[int, int] | None:
-    return _pair(getattr(config, "image_size", None))
+    return _pair(getattr(_vision_config(config), "image_size", None))
+
+
+def _unmasked_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """ViT-MAE: pass ``noise = 0, 1, ..., L-1`` so the random shuffle of the patch tokens is the
+    identity (with ``mask_ratio = 0`` every token is kept, in image order)."""
+    x = args[0] if args else kwargs.get("pixel_values")
+    if kwargs.get("noise") is None and isinstance(x, torch.Tensor):
+        cfg = _vision_config(module.config)
+        patch = _pair(getattr(cfg, "patch_size", 16)) or (16, 16)
+        tokens = (x.shape[-2] // patch[0]) * (x.shape[-1] // patch[1])
+        noise = torch.arange(tokens, device=x.device, dtype=torch.float32).expand(x.shape[0], -1)
+        kwargs = dict(kwargs, noise=noise)
+    return args, kwargs
 
 
 def _interpolate_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -459,6 +530,13 @@ def prepare(model: nn.Module, processor: dict[str, Any] | None = None) -> nn.Mod
     ):
         model.register_forward_pre_hook(_interpolate_pre_hook, with_kwargs=True)
         model._probe_interpolate_hook = True
+    if getattr(model.config, "model_type", "") == "vit_mae" and not getattr(model, "_probe_unmasked", False):
+        # MAE's encoder drops a random 75 % of the patches and shuffles the rest; probe analyses
+        # the encoder as it is used for features: every patch, in image order
+        model.config.mask_ratio = 0.0
+        if "noise" in inspect.signature(model.forward).parameters:
+            model.register_forward_pre_hook(_unmasked_pre_hook, with_kwargs=True)
+        model._probe_unmasked = True
     return model.eval()
 
 

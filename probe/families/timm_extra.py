@@ -69,6 +69,26 @@ class CaitTalkingHeadsRule(CaptureRule):
         handle = module.proj_w.register_forward_pre_hook(lambda mod, args: emit(args[0].permute(0, 3, 1, 2)))
         return handle.remove
 
+    def can_gate(self, module: nn.Module) -> bool:
+        return True
+
+    def install_gate(self, module: nn.Module, num_heads: int, get_gate) -> Restore:
+        """Gate the captured heads: scale head ``h`` of the probabilities at ``proj_w``'s input
+        ``(B, N, N, H)``, before the second head mixing (a pre-mixing head's contribution to
+        every mixed head is then multiplied by its gate)."""
+        from .gating import scale_heads
+
+        where = f"{type(module).__name__} gate"
+
+        def pre_hook(_mod: nn.Module, args: tuple):
+            gate = get_gate()
+            if gate is None:
+                return None
+            probs = args[0].permute(0, 3, 1, 2)  # (B, H, N, N)
+            return (scale_heads(probs, gate, num_heads, where).permute(0, 2, 3, 1), *args[1:])
+
+        return module.proj_w.register_forward_pre_hook(pre_hook).remove
+
 
 class XcaRefusalRule(CaptureRule):
     """timm XCiT's cross-covariance attention: refused, it has no token-to-token attention."""
@@ -212,6 +232,20 @@ class SwinWindowRule(CaptureRule):
             restore_fused()
 
         return restore
+
+    def num_heads(self, module: nn.Module) -> int | None:
+        return int(module.attn.num_heads)
+
+    def can_gate(self, module: nn.Module) -> bool:
+        return isinstance(getattr(module.attn, "proj", None), nn.Linear)
+
+    def install_gate(self, module: nn.Module, num_heads: int, get_gate) -> Restore:
+        """Pre-hook on the window attention's ``proj``, whose input ``(B·windows, M², H·D)`` is
+        head-major; each image's gate row is repeated over its windows (image-major)."""
+        from .gating import gate_linear_input
+
+        return gate_linear_input(module.attn.proj, num_heads, get_gate, f"{type(module).__name__} gate",
+                                 windows=True)
 
 
 register_rule(SwinWindowRule())

@@ -73,5 +73,68 @@ class MultiheadAttentionRule(CaptureRule):
 
         return restore
 
+    def install_gate(self, module: nn.Module, num_heads: int, get_gate) -> Restore:
+        """Gate heads of ``nn.MultiheadAttention`` (a pre-hook on ``out_proj`` never fires:
+        ``F.multi_head_attention_forward`` uses its weight directly).
+
+        While a gate is set, the wrapped ``forward`` runs the module with ``out_proj`` replaced
+        by the identity (bias ``None``), which returns the concatenated head outputs
+        ``z`` ``(T, B, H·D)`` exactly, multiplies head ``h``'s slice by ``g[:, h]`` and applies
+        the real ``out_proj`` in the same row layout as PyTorch does (``(T·B, E)``, query-major),
+        so all gates at 1 give bit-identical outputs to the module without the fast path. The
+        fast path (which skips ``forward``) is off while installed. The returned weights are
+        those of the ungated module (the gate acts after the softmax).
+        """
+        from .gating import apply_gate
+
+        had_forward = "forward" in vars(module)
+        old_forward = vars(module).get("forward")
+        inner = module.forward
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        where = f"{type(module).__name__} gate"
+        identities: dict[tuple, nn.Module] = {}
+
+        def identity_for(weight: torch.Tensor) -> nn.Module:
+            key = (weight.shape[1], weight.dtype, weight.device)
+            if key not in identities:
+                lin = nn.Linear(weight.shape[1], weight.shape[1], bias=False, device=weight.device,
+                                dtype=weight.dtype)
+                with torch.no_grad():
+                    lin.weight.copy_(torch.eye(weight.shape[1], dtype=weight.dtype, device=weight.device))
+                lin.weight.requires_grad_(False)
+                identities[key] = lin
+            return identities[key]
+
+        def forward(*args: Any, **kwargs: Any):
+            gate = get_gate()
+            if gate is None:
+                return inner(*args, **kwargs)
+            real = module.out_proj
+            module.out_proj = identity_for(real.weight)
+            try:
+                z, weights = inner(*args, **kwargs)
+            finally:
+                module.out_proj = real
+            if z.dim() == 2:  # unbatched (T, E)
+                gated = apply_gate(z[None], gate, num_heads, where)[0]
+                return torch.nn.functional.linear(gated, real.weight, real.bias), weights
+            zt = z.transpose(0, 1) if module.batch_first else z  # (T, B, E)
+            t, b, e = zt.shape
+            gated = apply_gate(zt.transpose(0, 1), gate, num_heads, where).transpose(0, 1)  # (T, B, E)
+            y = torch.nn.functional.linear(gated.reshape(t * b, e), real.weight, real.bias).view(t, b, -1)
+            return (y.transpose(0, 1) if module.batch_first else y), weights
+
+        module.forward = forward
+
+        def restore() -> None:
+            if had_forward:
+                module.forward = old_forward
+            else:
+                del module.forward
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+
+        return restore
+
 
 register_rule(MultiheadAttentionRule())

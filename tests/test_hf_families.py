@@ -1,0 +1,171 @@
+"""Hugging Face vision transformers beyond ViT/DeiT/DINOv2: CLIP and SigLIP vision towers, BEiT
+(relative position bias), ViT-MAE (encoder unmasked), DINOv2 with registers — random weights from
+tiny configs, no downloads.
+
+Oracle: ``transformers``' own eager attention returned by ``output_attentions=True`` (an
+independent code path: the model's output recorder, not probe's hook), for a model that was built
+with SDPA — so the test also checks that capture forces eager attention per layer and restores the
+setting afterwards. Geometry: the prefix tokens of each family (CLIP 1 class embedding, SigLIP 0,
+BEiT 1, MAE 1, DINOv2-reg 1 + registers). Attribution: gates at 1 are bit-identical and a planted
+one-head model gets all the importance.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from probe.attribution import HeadGates, attribute_heads  # noqa: E402
+from probe.capture import AttentionCapture, find_attention_layers, infer_geometries  # noqa: E402
+from probe.models import resolve_model  # noqa: E402
+
+VISION = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=64)
+
+
+def _clip():
+    cfg = transformers.CLIPConfig(vision_config=VISION, text_config=dict(hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=32), num_labels=5)
+    return transformers.CLIPForImageClassification(cfg)
+
+
+def _siglip():
+    cfg = transformers.SiglipConfig(vision_config=VISION, text_config=dict(hidden_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=32), num_labels=5)
+    return transformers.SiglipForImageClassification(cfg)
+
+
+def _beit():
+    return transformers.BeitForImageClassification(transformers.BeitConfig(
+        **VISION, use_relative_position_bias=True, use_mean_pooling=True, num_labels=5))
+
+
+def _mae():
+    return transformers.ViTMAEModel(transformers.ViTMAEConfig(**VISION))
+
+
+def _dinov2_reg():
+    return transformers.Dinov2WithRegistersForImageClassification(transformers.Dinov2WithRegistersConfig(
+        **VISION, num_register_tokens=2, num_labels=5))
+
+
+#: family -> (builder, prefix tokens, has a classifier)
+FAMILIES = {
+    "clip": (_clip, 1, True),
+    "siglip": (_siglip, 0, True),
+    "beit": (_beit, 1, True),
+    "vit_mae": (_mae, 1, False),
+    "dinov2_reg": (_dinov2_reg, 3, True),
+}
+
+
+def set_attn(model, impl: str) -> None:
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None:
+            cfg._attn_implementation = impl
+
+
+def build(family: str):
+    torch.manual_seed(0)
+    net = FAMILIES[family][0]().eval()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+            elif "lambda" in name:  # BEiT's layer scale (0.1)
+                p.fill_(1.0)
+    return net
+
+
+def images(n=2):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_capture_equals_hf_eager_attentions_and_geometry(family):
+    net = resolve_model(build(family)).model
+    set_attn(net, "sdpa")
+    x = images()
+    layers = find_attention_layers(net, (3, 32, 32))
+    assert [l.rule.name for l in layers] == ["hf-eager-attention"] * 2
+    got: dict[int, torch.Tensor] = {}
+    with AttentionCapture(layers, lambda i, a: got.__setitem__(i, a.clone())), torch.no_grad():
+        assert all(l.module.config._attn_implementation == "eager" for l in layers)
+        net(x)
+    assert all(l.module.config._attn_implementation == "sdpa" for l in layers)  # restored
+    set_attn(net, "eager")
+    with torch.no_grad():
+        want = net(x, output_attentions=True).attentions
+    assert len(want) == len(layers)
+    tokens = FAMILIES[family][1] + 16
+    for l in layers:
+        assert got[l.index].shape == want[l.index].shape == (2, 4, tokens, tokens)
+        err = (got[l.index] - want[l.index]).abs().max()
+        assert err < 1e-5, (family, l.name, float(err))
+    assert (want[0][0] - want[0][0].mean(-1, keepdim=True)).abs().max() > 1e-3  # not uniform
+    geoms = infer_geometries(net, layers, (3, 32, 32))
+    assert {(g.num_prefix_tokens, g.grid, g.pixels_per_token) for g in geoms.values()} == {
+        (FAMILIES[family][1], (4, 4), (8.0, 8.0))}
+
+
+def test_beit_relative_bias_is_in_the_probabilities():
+    """Zeroing BEiT's relative position bias tables changes the captured probabilities."""
+    net = resolve_model(build("beit")).model
+    layers = find_attention_layers(net)
+    x = images()
+
+    def run():
+        out = {}
+        with AttentionCapture(layers, lambda i, a: out.__setitem__(i, a.clone())), torch.no_grad():
+            net(x)
+        return out
+
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "relative_position_bias_table" in name:
+                p.normal_(0, 1.0)
+    with_bias = run()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "relative_position_bias_table" in name:
+                p.zero_()
+    assert (run()[0] - with_bias[0]).abs().max() > 1e-2
+
+
+def test_mae_encoder_keeps_every_patch_in_order():
+    net = resolve_model(build("vit_mae")).model
+    assert net.config.mask_ratio == 0.0
+    with torch.no_grad():
+        a = net(images()).last_hidden_state
+        b = net(images()).last_hidden_state
+    assert a.shape[1] == 17 and torch.equal(a, b)  # no random masking or shuffling
+
+
+@pytest.mark.parametrize("family", [f for f, v in FAMILIES.items() if v[2]])
+def test_attribution_gates(family):
+    net = resolve_model(build(family)).model
+    x = images()
+    layers = find_attention_layers(net)
+    names = {l.index: l.name for l in layers}
+    with torch.no_grad():
+        ref = net(x).logits
+        with HeadGates(net, names) as gates:
+            gates.set(torch.ones(gates.num_features))
+            assert torch.equal(net(x).logits, ref)
+    # planted: only head 1 of the last layer reaches the logits
+    with torch.no_grad():
+        for l in layers:
+            proj = getattr(l.module, "o_proj", None) or l.module.out_proj
+            d = proj.weight.shape[1] // 4
+            for h in range(4):
+                if (l.index, h) != (layers[-1].index, 1):
+                    proj.weight[:, h * d:(h + 1) * d] = 0.0
+    att = attribute_heads(net, x, methods=("ig", "ablation"), layers=names, n_steps=8)
+    df = att.heads.set_index(["layer", "head"])
+    keep = (layers[-1].index, 1)
+    for col in ("importance_ig", "importance_ablation"):
+        assert abs(float(df.loc[keep, col])) > 1e-4, (family, col)
+        assert df.drop(index=keep)[col].abs().max() < 1e-6, (family, col)
