@@ -13,7 +13,7 @@ from probe.progress import STAGES, CallbackProgress, ProgressReporter, Stage, ma
 from conftest import tiny_vit
 
 # 4 images in batches of 2; null (a) on every layer (2 copies x 2 images); IG on 2 images
-RUN = dict(batch_size=2, n_bootstrap=5, null_layers="all", null_seeds=2, null_images=2, attribution_images=2,
+RUN = dict(batch_size=2, n_bootstrap=5, null_layers="all", null_seeds=2, null_images=2, attribution="ig", attribution_images=2,
            ig_steps=2, data_overrides={"input_size": (3, 32, 32)})
 
 
