@@ -48,6 +48,7 @@ import torch
 
 from ..errors import ProbeError
 from ..geometry import TokenGeometry
+from .reducers import ImageMoments
 
 #: The modes, in column order: ``(name, units, description)``.
 MODES: tuple[tuple[str, str, str], ...] = (
@@ -146,9 +147,13 @@ class DistanceModesReducer:
     def __init__(self, layer: int, geometry: TokenGeometry) -> None:
         self.layer = layer
         self.geometry = geometry
-        self.n_images = 0
-        self._sum: torch.Tensor | None = None
-        self._sumsq: torch.Tensor | None = None
+        self._moments = ImageMoments(layer, "the distance modes")
+
+
+    @property
+    def n_images(self) -> int:
+        """Images accumulated."""
+        return self._moments.n_images
 
     @torch.no_grad()
     def update(self, attn: torch.Tensor) -> None:
@@ -157,15 +162,7 @@ class DistanceModesReducer:
         Raises:
             ProbeError: on a shape that does not fit the geometry or a changed head count.
         """
-        v = distance_modes_per_image(attn, self.geometry)
-        if self._sum is None:
-            self._sum = torch.zeros(v.shape[1:], dtype=torch.float64, device=v.device)
-            self._sumsq = torch.zeros_like(self._sum)
-        elif self._sum.shape != v.shape[1:]:
-            raise ProbeError(f"layer {self.layer}: head count changed from {self._sum.shape[0]} to {v.shape[1]}")
-        self._sum += v.sum(0)
-        self._sumsq += v.square().sum(0)
-        self.n_images += v.shape[0]
+        self._moments.add(distance_modes_per_image(attn, self.geometry))
 
     def result(self) -> DistanceModes:
         """The means and standard errors over images.
@@ -173,16 +170,8 @@ class DistanceModesReducer:
         Raises:
             ProbeError: if nothing was accumulated.
         """
-        if self._sum is None:
-            raise ProbeError(f"layer {self.layer}: no attention was accumulated for the distance modes")
-        n = self.n_images
-        mean = (self._sum / n).cpu().numpy()
-        if n > 1:
-            var = ((self._sumsq / n).cpu().numpy() - mean**2).clip(min=0) * n / (n - 1)
-            se = np.sqrt(var / n)
-        else:
-            se = np.full_like(mean, math.nan)
-        return DistanceModes(self.layer, n, mean, se)
+        mean, se = self._moments.mean_se()
+        return DistanceModes(self.layer, self.n_images, mean, se)
 
 
 def renormalised_from_stats(stats) -> np.ndarray:

@@ -40,6 +40,7 @@ import torch
 
 from ..errors import ProbeError
 from ..geometry import TokenGeometry
+from .reducers import ImageMoments
 
 #: Park et al.'s smoothing: added to every patch-to-patch entry before renormalising.
 PARK_EPS = 1e-8
@@ -164,9 +165,13 @@ class NmiReducer:
 
     def __init__(self, layer: int, geometry: TokenGeometry, eps: float = PARK_EPS) -> None:
         self.layer, self.geometry, self.eps = layer, geometry, eps
-        self.n_images = 0
-        self._sum: torch.Tensor | None = None
-        self._sumsq: torch.Tensor | None = None
+        self._moments = ImageMoments(layer, "the NMI")
+
+
+    @property
+    def n_images(self) -> int:
+        """Images accumulated."""
+        return self._moments.n_images
 
     @torch.no_grad()
     def update(self, attn: torch.Tensor) -> None:
@@ -177,15 +182,7 @@ class NmiReducer:
         """
         step = max(1, (1 << 22) // max(1, attn[0].numel()))
         for i in range(0, attn.shape[0], step):
-            v = nmi_per_image(attn[i:i + step], self.geometry, self.eps)
-            if self._sum is None:
-                self._sum = torch.zeros(v.shape[1], dtype=torch.float64, device=v.device)
-                self._sumsq = torch.zeros_like(self._sum)
-            elif self._sum.shape[0] != v.shape[1]:
-                raise ProbeError(f"layer {self.layer}: head count changed from {self._sum.shape[0]} to {v.shape[1]}")
-            self._sum += v.sum(0)
-            self._sumsq += v.square().sum(0)
-            self.n_images += v.shape[0]
+            self._moments.add(nmi_per_image(attn[i:i + step], self.geometry, self.eps))
 
     def result(self) -> NmiPerImage:
         """The mean and standard error over images.
@@ -193,16 +190,8 @@ class NmiReducer:
         Raises:
             ProbeError: if nothing was accumulated.
         """
-        if self._sum is None:
-            raise ProbeError(f"layer {self.layer}: no attention was accumulated for the NMI")
-        n = self.n_images
-        mean = (self._sum / n).cpu().numpy()
-        if n > 1:
-            var = ((self._sumsq / n).cpu().numpy() - mean**2).clip(min=0) * n / (n - 1)
-            se = np.sqrt(var / n)
-        else:
-            se = np.full_like(mean, math.nan)
-        return NmiPerImage(self.layer, n, mean, se)
+        mean, se = self._moments.mean_se()
+        return NmiPerImage(self.layer, self.n_images, mean, se)
 
 
 # ----------------------------------------------------------------------------- registry adapter

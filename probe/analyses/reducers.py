@@ -91,6 +91,60 @@ def _feature_tables(geometry: TokenGeometry) -> torch.Tensor:
     return table / geometry.num_patches
 
 
+
+class ImageMoments:
+    """Streaming mean and standard error over images of a per-image value ``(images, ...)``.
+
+    Keeps a float64 sum and sum of squares of shape ``(...)`` (memory independent of the number of
+    images); used by the reducers of per-image statistics (distance modes, per-image NMI).
+
+    Args:
+        layer: layer index (for error messages).
+        what: what is accumulated (for the error of an empty result).
+    """
+
+    def __init__(self, layer: int, what: str) -> None:
+        self.layer, self.what = layer, what
+        self.n_images = 0
+        self._sum: torch.Tensor | None = None
+        self._sumsq: torch.Tensor | None = None
+
+    def add(self, v: torch.Tensor) -> None:
+        """Accumulate ``v`` of shape ``(images, heads, ...)``.
+
+        Raises:
+            ProbeError: when the per-image shape (the head count) changed.
+        """
+        if self._sum is None:
+            self._sum = torch.zeros(v.shape[1:], dtype=torch.float64, device=v.device)
+            self._sumsq = torch.zeros_like(self._sum)
+        elif self._sum.shape != v.shape[1:]:
+            raise ProbeError(f"layer {self.layer}: head count changed from {self._sum.shape[0]} to {v.shape[1]}")
+        self._sum += v.sum(0)
+        self._sumsq += v.square().sum(0)
+        self.n_images += v.shape[0]
+
+    def mean_se(self):
+        """``(mean, standard error)`` over images as float64 numpy arrays (SE NaN for one image).
+
+        Raises:
+            ProbeError: if nothing was accumulated.
+        """
+        import math
+
+        import numpy as np
+
+        if self._sum is None:
+            raise ProbeError(f"layer {self.layer}: no attention was accumulated for {self.what}")
+        n = self.n_images
+        mean = (self._sum / n).cpu().numpy()
+        if n > 1:
+            var = ((self._sumsq / n).cpu().numpy() - mean**2).clip(min=0) * n / (n - 1)
+            se = np.sqrt(var / n)
+        else:
+            se = np.full_like(mean, math.nan)
+        return mean, se
+
 @dataclass(frozen=True)
 class LayerStats:
     """Accumulated statistics of one layer over ``n_images`` images.
