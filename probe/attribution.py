@@ -367,11 +367,12 @@ def head_gates(
 
 
 @contextlib.contextmanager
-def _inference_mode_params(model: nn.Module) -> Iterator[None]:
+def inference_mode_params(model: nn.Module) -> Iterator[None]:
     """Eval mode and ``requires_grad=False`` on the parameters; both restored on exit.
 
-    Attribution needs gradients only with respect to the gates, so parameter gradients (a
-    third of the backward cost) are skipped.
+    Attribution needs gradients only with respect to the gates (relevance,
+    :mod:`probe.analyses.rollout`, only with respect to the attention), so parameter gradients
+    (a third of the backward cost) are skipped.
     """
     was_training = model.training
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -517,7 +518,7 @@ def attribute_heads(
 
     # IG needs autograd even when the caller runs under no_grad / inference_mode; images made
     # under inference_mode cannot be saved for backward, hence the clone.
-    with torch.inference_mode(False), torch.enable_grad(), _inference_mode_params(model), \
+    with torch.inference_mode(False), torch.enable_grad(), inference_mode_params(model), \
             HeadGates(model, layers, tuple(images.shape[1:])) as gates:
         images = images.clone() if images.is_inference() else images
         with torch.no_grad():
@@ -772,7 +773,7 @@ def ablation_check(
     _check_images(images)
     device = next(model.parameters()).device
     images = images.to(device)
-    with _inference_mode_params(model), HeadGates(model, layers, tuple(images.shape[1:])) as gates, torch.no_grad():
+    with inference_mode_params(model), HeadGates(model, layers, tuple(images.shape[1:])) as gates, torch.no_grad():
         index = {f: j for j, f in enumerate(gates.features)}
         unknown = [f for f in ranking if f not in index]
         if unknown:

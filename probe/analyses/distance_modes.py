@@ -39,7 +39,6 @@ query's patch mass, which the stats do not keep).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np

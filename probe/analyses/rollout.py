@@ -48,10 +48,9 @@ matrix per image of the batch); relevance keeps the batch's attention until the 
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -288,28 +287,13 @@ class RolloutMaps:
 
 
 def _logits(out) -> torch.Tensor:
-    if not isinstance(out, torch.Tensor):
-        out = getattr(out, "logits", None) if not isinstance(out, (tuple, list)) else (out[0] if out else None)
+    from ..attribution import as_logits
+
+    out = as_logits(out)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise ProbeError("gradient-weighted relevance needs a classifier whose output is (batch, classes) "
                          "logits (set num_classes > 0), or use method='rollout'")
     return out
-
-
-@contextlib.contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no parameter gradients (only the attention's gradient is needed); restored."""
-    was_training = model.training
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, rg in flags:
-            p.requires_grad_(rg)
-        model.train(was_training)
 
 
 def compute_rollout(
@@ -378,7 +362,9 @@ def compute_rollout(
     device = p.device if p is not None else images.device
     order = [l.index for l in layers]
     maps, prefix, chosen = [], [], []
-    with _frozen(model):
+    from ..attribution import inference_mode_params  # eval mode, no parameter gradients; restored
+
+    with inference_mode_params(model):
         for s in range(0, images.shape[0], batch_size):
             x = images[s:s + batch_size].to(device)
             if method == "rollout":
