@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -40,6 +40,25 @@ from .errors import CaptureError, ProbeError
 
 Emit = Callable[[torch.Tensor], None]
 Restore = Callable[[], None]
+
+
+def override_attribute(obj: Any, name: str, value: Any) -> Restore:
+    """Set ``obj.name = value`` on the instance and return the function that undoes it: the
+    instance's own earlier value is put back, or the instance attribute is deleted when the
+    name came from the class (e.g. a bound ``forward``, timm's class-level ``fused_attn``), so
+    the object is left exactly as found. The helper of capture and gate rules that replace a
+    module's ``forward`` or switch a flag while installed."""
+    own = name in vars(obj)
+    old = vars(obj).get(name)
+    setattr(obj, name, value)
+
+    def restore() -> None:
+        if own:
+            setattr(obj, name, old)
+        else:
+            delattr(obj, name)
+
+    return restore
 
 
 class CaptureRule:
@@ -130,19 +149,13 @@ class TimmAttentionRule(CaptureRule):
         )
 
     def install(self, module: nn.Module, emit: Emit) -> Restore:
-        had_fused = "fused_attn" in vars(module)
-        old_fused = getattr(module, "fused_attn", None)
-        if old_fused is not None:
-            module.fused_attn = False
+        fused = (override_attribute(module, "fused_attn", False)
+                 if getattr(module, "fused_attn", None) is not None else (lambda: None))
         handle = module.attn_drop.register_forward_hook(lambda m, inp, out: emit(out))
 
         def restore() -> None:
             handle.remove()
-            if old_fused is not None:
-                if had_fused:
-                    module.fused_attn = old_fused
-                else:
-                    del module.fused_attn
+            fused()
 
         return restore
 

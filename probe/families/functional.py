@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..capture import CaptureRule, Emit, Restore, register_fallback
+from ..capture import CaptureRule, Emit, Restore, override_attribute, register_fallback
 from ..errors import ProbeError
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -268,8 +268,6 @@ class _Controller:
 
     def _wrap(self) -> None:
         root = self.root
-        had = "forward" in vars(root)
-        old = vars(root).get("forward")
         inner = root.forward
         controller = self
 
@@ -277,15 +275,7 @@ class _Controller:
             with _AttentionCallMode(controller.sites()):
                 return inner(*args, **kwargs)
 
-        root.forward = forward
-
-        def restore() -> None:
-            if had:
-                root.forward = old
-            else:
-                del root.forward
-
-        self._restore = restore
+        self._restore = override_attribute(root, "forward", forward)
 
 
 _CONTROLLERS: "weakref.WeakKeyDictionary[nn.Module, _Controller]" = weakref.WeakKeyDictionary()

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..capture import CaptureRule, Emit, Restore, TimmAttentionRule, register_rule
+from ..capture import CaptureRule, Emit, Restore, TimmAttentionRule, override_attribute, register_rule
 from ..errors import CaptureError
 
 #: Emit the dense Swin attention in pieces of at most this many bytes.
@@ -110,17 +110,7 @@ def _fused_off(module: nn.Module) -> Restore:
     """Switch off timm's ``fused_attn`` flag (if any) so ``attn_drop`` sees the probabilities."""
     if not hasattr(module, "fused_attn"):
         return lambda: None
-    own = "fused_attn" in vars(module)
-    old = module.fused_attn
-    module.fused_attn = False
-
-    def restore() -> None:
-        if own:
-            module.fused_attn = old
-        else:
-            del module.fused_attn
-
-    return restore
+    return override_attribute(module, "fused_attn", False)
 
 
 def window_positions(

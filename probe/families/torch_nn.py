@@ -27,11 +27,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..capture import CaptureRule, Emit, Restore, register_rule
+from ..capture import CaptureRule, Emit, Restore, override_attribute, register_rule
 
 
 #: ``nn.MultiheadAttention.forward``'s parameters after ``(query, key, value)``, in order.
 _MHA_ARGS = ("key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")
+
+
+def _wrap_forward(module: nn.Module, forward: Any) -> Restore:
+    """Replace ``module.forward`` by ``forward`` with PyTorch's MHA fast path (which skips
+    ``forward``) switched off; the returned function restores both."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    undo = override_attribute(module, "forward", forward)
+
+    def restore() -> None:
+        undo()
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+    return restore
 
 
 class MultiheadAttentionRule(CaptureRule):
@@ -43,11 +57,7 @@ class MultiheadAttentionRule(CaptureRule):
         return isinstance(module, nn.MultiheadAttention)
 
     def install(self, module: nn.Module, emit: Emit) -> Restore:
-        had_forward = "forward" in vars(module)
-        old_forward = vars(module).get("forward")
         inner = module.forward  # bound method (or an existing instance override)
-        fastpath = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
 
         def forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any):
             kwargs.update(zip(_MHA_ARGS, args))  # positional arguments after (query, key, value)
@@ -62,16 +72,7 @@ class MultiheadAttentionRule(CaptureRule):
                 weights = weights.mean(dim=-3)
             return out, weights
 
-        module.forward = forward
-
-        def restore() -> None:
-            if had_forward:
-                module.forward = old_forward
-            else:
-                del module.forward
-            torch.backends.mha.set_fastpath_enabled(fastpath)
-
-        return restore
+        return _wrap_forward(module, forward)
 
     def install_gate(self, module: nn.Module, num_heads: int, get_gate) -> Restore:
         """Gate heads of ``nn.MultiheadAttention`` (a pre-hook on ``out_proj`` never fires:
@@ -87,11 +88,7 @@ class MultiheadAttentionRule(CaptureRule):
         """
         from .gating import apply_gate
 
-        had_forward = "forward" in vars(module)
-        old_forward = vars(module).get("forward")
         inner = module.forward
-        fastpath = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
         where = f"{type(module).__name__} gate"
         identities: dict[tuple, nn.Module] = {}
 
@@ -125,16 +122,7 @@ class MultiheadAttentionRule(CaptureRule):
             y = torch.nn.functional.linear(gated.reshape(t * b, e), real.weight, real.bias).view(t, b, -1)
             return (y.transpose(0, 1) if module.batch_first else y), weights
 
-        module.forward = forward
-
-        def restore() -> None:
-            if had_forward:
-                module.forward = old_forward
-            else:
-                del module.forward
-            torch.backends.mha.set_fastpath_enabled(fastpath)
-
-        return restore
+        return _wrap_forward(module, forward)
 
 
 register_rule(MultiheadAttentionRule())
