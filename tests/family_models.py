@@ -356,3 +356,31 @@ def eva02() -> nn.Module:
 def eva_clip() -> nn.Module:
     """timm CLIP tower ``vit_base_patch16_clip_224`` layout (pre-norm, class token), shrunk."""
     return _timm("vit_base_patch16_clip_224", (3, 64, 64), img_size=64, embed_dim=24, depth=2, num_heads=2)
+
+
+def capture_with_inputs(model: nn.Module, x: torch.Tensor, keyword_args: bool = False):
+    """One forward pass over ``x`` with probe's capture: ``(layers, {layer: attention (N, H, T, T)},
+    {layer: the layer module's first input})`` — with ``keyword_args``, ``(first positional
+    input, keyword arguments)`` instead — for the tests' explicit-math oracles."""
+    from probe.capture import AttentionCapture, find_attention_layers
+
+    layers = find_attention_layers(model, tuple(x.shape[1:]))
+    got: dict[int, list[torch.Tensor]] = {l.index: [] for l in layers}
+    inputs: dict[int, object] = {}
+
+    def keep(index):
+        def hook(mod, args, kwargs):
+            if keyword_args:
+                inputs.setdefault(index, (args[0].detach().clone(), dict(kwargs)))
+            else:
+                inputs.setdefault(index, (list(args) + list(kwargs.values()))[0].detach().clone())
+        return hook
+
+    hooks = [l.module.register_forward_pre_hook(keep(l.index), with_kwargs=True) for l in layers]
+    try:
+        with AttentionCapture(layers, lambda i, a: got[i].append(a.clone())), torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return layers, {i: torch.cat(v) for i, v in got.items()}, inputs

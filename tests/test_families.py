@@ -37,23 +37,7 @@ def input_shape(model: torch.nn.Module) -> tuple[int, int, int]:
 
 def capture_all(model: torch.nn.Module, x: torch.Tensor):
     """Captured attention and each layer module's input, from one forward pass over ``x``."""
-    layers = find_attention_layers(model, tuple(x.shape[1:]))
-    got: dict[int, list[torch.Tensor]] = {l.index: [] for l in layers}
-    inputs: dict[int, torch.Tensor] = {}
-
-    def keep(index):
-        def hook(mod, args, kwargs):
-            inputs.setdefault(index, (list(args) + list(kwargs.values()))[0].detach().clone())
-        return hook
-
-    hooks = [l.module.register_forward_pre_hook(keep(l.index), with_kwargs=True) for l in layers]
-    try:
-        with AttentionCapture(layers, lambda i, a: got[i].append(a.clone())), torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return layers, {i: torch.cat(v) for i, v in got.items()}, inputs
+    return fm.capture_with_inputs(model, x)
 
 
 def random_batch(model: torch.nn.Module, n: int = 2) -> torch.Tensor:

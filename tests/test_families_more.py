@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import attention_math as am
 import family_models as fm
 import probe
-from probe.capture import AttentionCapture, find_attention_layers, infer_geometries
+from probe.capture import find_attention_layers, infer_geometries
 from probe.errors import ProbeError
 
 TOL = 1e-5
@@ -41,23 +41,7 @@ def shape_of(model) -> tuple[int, int, int]:
 
 def capture(model, x):
     """Captured attention, each layer module's first input and its keyword arguments."""
-    layers = find_attention_layers(model, tuple(x.shape[1:]))
-    got: dict[int, list[torch.Tensor]] = {l.index: [] for l in layers}
-    inputs: dict[int, tuple] = {}
-
-    def keep(index):
-        def hook(mod, args, kwargs):
-            inputs.setdefault(index, (args[0].detach().clone(), dict(kwargs)))
-        return hook
-
-    hooks = [l.module.register_forward_pre_hook(keep(l.index), with_kwargs=True) for l in layers]
-    try:
-        with AttentionCapture(layers, lambda i, a: got[i].append(a.clone())), torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return layers, {i: torch.cat(v) for i, v in got.items()}, inputs
+    return fm.capture_with_inputs(model, x, keyword_args=True)
 
 
 def batch(model, n=2):
