@@ -115,12 +115,19 @@ class AnalysisResult:
         from .saved import saved_files
 
         files = {
+            **self._analysis_files(),  # e.g. rollout.npz
             **saved_files(self),  # heads.csv, layers.csv, result.json, stats: the folder loads again
             "images.txt": "\n".join(self.meta.get("image_names", [])) + "\n",
             "report.html": html,
         }
         write_output_set(out, files)
         return out / "report.html"
+
+    def _analysis_files(self) -> dict[str, bytes]:
+        """The registered analyses' own output files (:meth:`probe.analyses.base.Analysis.files`)."""
+        from .analyses.base import analysis_files
+
+        return analysis_files(self.heads, self.layers, self.meta, self.extras)
 
     def save(self, out_dir: str | Path) -> Path:
         """Save the result (tables, metadata, streaming statistics, further analyses' results)
@@ -141,7 +148,8 @@ class AnalysisResult:
         from .saved import saved_files
 
         out = check_output_dir(out_dir)
-        files = {**saved_files(self), "images.txt": "\n".join(self.meta.get("image_names", [])) + "\n"}
+        files = {**self._analysis_files(), **saved_files(self),
+                 "images.txt": "\n".join(self.meta.get("image_names", [])) + "\n"}
         write_output_set(out, files)
         return out
 

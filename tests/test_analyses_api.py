@@ -273,3 +273,32 @@ def test_cli_runs_a_registered_analysis_with_set(tmp_path, monkeypatch):
                                    "--set", "test_plugin_entropy.scale"])
     assert bad.exit_code == 2 and "ANALYSIS.OPTION=VALUE" in bad.output
     assert math.isfinite(heads["entropy_nats"].iloc[0])
+
+
+def test_analysis_files_are_written_and_checked(tmp_path):
+    """An analysis's own files land in the output folder; paths and probe's own names are refused."""
+    from probe.analyses.base import Analysis, analysis_files, register_analysis, unregister_analysis
+
+    class Files(Analysis):
+        name = "test_files_analysis"
+        target = "notes.txt"
+
+        def run(self, ctx):
+            ctx.result.extras[self.name] = {"n": 1}
+
+        @classmethod
+        def files(cls, report):
+            return {cls.target: f"n={report.value['n']}".encode()}
+
+    register_analysis(Files)
+    try:
+        import pandas as pd
+
+        extras = {"test_files_analysis": {"n": 1}}
+        assert analysis_files(pd.DataFrame(), pd.DataFrame(), {}, extras) == {"notes.txt": b"n=1"}
+        for bad in ("heads.csv", "../x.txt", "sub/x.txt"):
+            Files.target = bad
+            with pytest.raises(ProbeError, match="plain"):
+                analysis_files(pd.DataFrame(), pd.DataFrame(), {}, extras)
+    finally:
+        unregister_analysis("test_files_analysis")

@@ -197,3 +197,20 @@ def test_registered_analysis_and_figure():
     with pytest.raises(ProbeError, match="rollout"):
         probe.analyze(tiny_vit(depth=1), x, analyses=["rollout"], analysis_options={"rollout": {"method": "lrp"}},
                       data_overrides={"input_size": (3, 32, 32)}, progress=False)
+
+
+def test_rollout_npz_in_the_output_folder_and_after_load(tmp_path):
+    import probe
+
+    x = torch.randn(3, 3, 32, 32)
+    r = probe.analyze(tiny_vit(depth=2), x, analyses=["rollout"], analysis_options={"rollout": {"images": 2}},
+                      fits=False, conv_test=False, attribution="none", progress=False, n_bootstrap=0,
+                      data_overrides={"input_size": (3, 32, 32)})
+    r.write_report(tmp_path / "rep")
+    data = np.load(tmp_path / "rep" / "rollout.npz")
+    np.testing.assert_array_equal(data["maps"], r.extras["rollout"])
+    assert data["maps"].shape == (2, 4, 4) and str(data["query"]) == "class"
+    np.testing.assert_array_equal(data["layers"], [0, 1])
+    loaded = probe.load(tmp_path / "rep")  # the maps survive the saved format and are written again
+    loaded.save(tmp_path / "again")
+    np.testing.assert_array_equal(np.load(tmp_path / "again" / "rollout.npz")["maps"], data["maps"])

@@ -298,6 +298,13 @@ class Analysis:
         ``None``. Called when ``result.extras`` holds ``name``; reads ``report`` only."""
         return None
 
+    @classmethod
+    def files(cls, report: ReportInput) -> dict[str, bytes]:
+        """Extra files for the output folder, ``{file name: bytes}`` (e.g. rollout's
+        ``rollout.npz``), written with the report and by :meth:`AnalysisResult.save` as part of
+        the same atomic set. Called when ``result.extras`` holds ``name``; default none."""
+        return {}
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options!r})"
 
@@ -341,6 +348,34 @@ def unregister_analysis(name: str) -> None:
     if name == CORE:
         raise ProbeError(f"{CORE!r} is part of every run and cannot be unregistered")
     _REGISTRY.pop(name, None)
+
+
+#: Output-folder files of probe itself, which an analysis's :meth:`Analysis.files` may not replace.
+RESERVED_FILES = frozenset({"report.html", "heads.csv", "layers.csv", "images.txt", "result.json",
+                            "stats.safetensors", "extras.safetensors"})
+
+
+def analysis_files(heads: "pd.DataFrame", layers: "pd.DataFrame", meta: dict[str, Any],
+                   extras: dict[str, Any]) -> dict[str, bytes]:
+    """The extra files (:meth:`Analysis.files`) of every registered analysis whose results are in
+    ``extras``, ``{file name: bytes}``.
+
+    Raises:
+        ProbeError: a file name that is a path, one of probe's own files (:data:`RESERVED_FILES`),
+            or claimed by two analyses.
+    """
+    out: dict[str, bytes] = {}
+    for name, cls in analyses().items():
+        if name not in extras:
+            continue
+        for fname, data in cls.files(ReportInput(heads, layers, meta, extras, value=extras[name])).items():
+            if "/" in fname or "\\" in fname or fname in ("", ".", "..") or fname in RESERVED_FILES:
+                raise ProbeError(f"analysis {name!r} asks to write {fname!r}: an analysis file is a plain "
+                                 f"new file name, not a path or one of {sorted(RESERVED_FILES)}; rename it")
+            if fname in out:
+                raise ProbeError(f"two analyses write {fname!r}; rename the file of analysis {name!r}")
+            out[fname] = bytes(data)
+    return out
 
 
 def _ensure_builtin() -> None:

@@ -277,13 +277,22 @@ class RolloutMaps:
         """Write ``maps``, ``prefix_mass``, ``layers``, ``grid``, ``pixels_per_token``, ``method``,
         ``query`` (and ``targets``) to a compressed ``.npz`` file; returns its path."""
         path = Path(path)
+        path.write_bytes(self.npz_bytes())
+        return path
+
+    def npz_bytes(self) -> bytes:
+        """The ``.npz`` file of :meth:`save_npz` as bytes (what ``rollout.npz`` in the output
+        folder holds)."""
+        import io
+
         arrays = dict(maps=self.maps, prefix_mass=self.prefix_mass, layers=np.asarray(self.layers),
                       grid=np.asarray(self.grid), pixels_per_token=np.asarray(self.pixels_per_token),
                       method=np.asarray(self.method), query=np.asarray(self.query))
         if self.targets is not None:
             arrays["targets"] = self.targets
-        np.savez_compressed(path, **arrays)
-        return path
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        return buf.getvalue()
 
 
 def _logits(out) -> torch.Tensor:
@@ -539,6 +548,12 @@ class RolloutAnalysis(Analysis):
             "photos": photos_from_inputs(x, ctx.result.meta.get("data_config")),
             "names": list(ctx.image_names[: x.shape[0]]),
         }
+
+    @classmethod
+    def files(cls, report: ReportInput) -> dict[str, bytes]:
+        """``rollout.npz`` (:meth:`RolloutMaps.save_npz`) beside the report."""
+        maps = (report.extras.get("rollout_info") or {}).get("result")
+        return {"rollout.npz": maps.npz_bytes()} if isinstance(maps, RolloutMaps) else {}
 
     @classmethod
     def section(cls, report: ReportInput):
