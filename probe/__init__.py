@@ -27,7 +27,7 @@ _LAZY = {
 }
 _SUBMODULES = {"track", "plot", "cordonnier", "families", "capture", "analyses", "pipeline", "result",
                "models", "data", "geometry", "attribution", "conv_equivalence", "steps", "tables", "report",
-               "saved", "comparison"}
+               "saved", "comparison", "model_sources"}
 
 __all__ = ["analyze", "load", "compare", "AnalysisResult", "TokenGeometry", "ProbeError", "CaptureError", "__version__"]
 

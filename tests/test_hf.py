@@ -292,7 +292,7 @@ def test_folder_without_processor_uses_config_size_and_family_normalisation(fold
 
 
 def test_unreachable_model_id_fails_clearly(monkeypatch, tmp_path):
-    monkeypatch.setattr("probe.models.hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr("probe.model_sources.checkpoint.hub_reachable", lambda *a, **k: False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ProbeError) as err:
         resolve_model("hf:probe-tests/no-such-vit")
@@ -330,13 +330,13 @@ def test_bad_folders_fail_clearly(tmp_path, folders):
     with pytest.raises(ProbeError, match="do not cover"):
         resolve_model(f"hf:{broken}")
     # an unsupported transformers family is named
-    swin = tmp_path / "swin"
-    transformers.SwinForImageClassification(transformers.SwinConfig(
-        image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=2)).save_pretrained(swin)
-    with pytest.raises(ProbeError, match="swin"):
-        resolve_model(f"hf:{swin}")
+    convnext = tmp_path / "convnext"  # no attention at all (Swin is supported: tests/test_hf_swin.py)
+    transformers.ConvNextForImageClassification(transformers.ConvNextConfig(
+        hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=2)).save_pretrained(convnext)
+    with pytest.raises(ProbeError, match="convnext"):
+        resolve_model(f"hf:{convnext}")
     with pytest.raises(ProbeError, match="exclude"):
-        resolve_model(f"hf:{folders['vit']}", weights=swin / "model.safetensors", random_init=True)
+        resolve_model(f"hf:{folders['vit']}", weights=convnext / "model.safetensors", random_init=True)
 
 
 # ---------------------------------------------------------------------------------------------

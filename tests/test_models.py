@@ -26,8 +26,10 @@ def test_unknown_model_suggests_close_names():
 
 
 def test_hub_unreachable_names_weights_option(monkeypatch):
-    monkeypatch.setattr(models, "hub_reachable", lambda *a, **k: False)
-    monkeypatch.setattr(models, "_cached_hub_file", lambda hub_id: None)
+    from probe.model_sources import checkpoint, timm as timm_source
+
+    monkeypatch.setattr(checkpoint, "hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(timm_source, "cached_hub_file", lambda hub_id: None)
     with pytest.raises(ProbeError, match="not reachable.*--weights FILE.*--random-init"):
         resolve_model("vit_tiny")
 

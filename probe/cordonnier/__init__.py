@@ -41,34 +41,3 @@ def pretrained() -> CordonnierViT:
     net = CordonnierViT(**config)
     net.load_state_dict(load_file(str(WEIGHTS)), strict=True)
     return net.eval()
-
-
-def resolve_default(random_init: bool = False, seed: int = 0):
-    """The shipped model as a :class:`~probe.models.ResolvedModel` (or its architecture at
-    random initialisation with ``seed``).
-
-    Raises:
-        ProbeError: as :func:`pretrained`.
-    """
-    import torch
-
-    from ..models import ResolvedModel, file_sha256
-
-    trained = pretrained()
-    config = dict(trained.config)
-    config.pop("img_size", None), config.pop("pool", None), config.pop("num_classes", None)
-
-    def rebuild(s: int) -> CordonnierViT:
-        return CordonnierViT(**config)
-
-    if random_init:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            net = rebuild(seed).eval()
-        source = f"random init (seed {seed})"
-    else:
-        net = trained
-        source = f"embedded: probe/cordonnier/weights/{WEIGHTS.name} (sha256 {file_sha256(WEIGHTS)[:16]}…)"
-    return ResolvedModel(model=net, name=DEFAULT_MODEL, weights=source,
-                         num_params=sum(p.numel() for p in net.parameters()),
-                         pretrained_cfg=dict(net.pretrained_cfg), rebuild=rebuild)

@@ -1,5 +1,5 @@
-"""Model families beyond timm's plain ViT attention: capture rules and model resolution, one
-module per family.
+"""Model families beyond timm's plain ViT attention: capture rules, one module per family (how
+models are named and loaded is :mod:`probe.model_sources`, which imports these, never the reverse).
 
 Importing this package (done by :mod:`probe`) registers every family's capture rules:
 
@@ -8,11 +8,14 @@ Importing this package (done by :mod:`probe`) registers every family's capture r
 * :mod:`.hf` — Hugging Face ``transformers`` ViT/DeiT/DINOv2(-reg), CLIP/SigLIP vision, BEiT,
   ViT-MAE (imports ``transformers`` only inside
   its functions, so importing it is cheap and safe when that optional extra is not installed);
+* :mod:`.hf_swin` — Hugging Face Swin v1 / v2: window attention mapped back to image positions;
 * :mod:`.timm_extra` — ConViT's gated positional attention (no class token in the local layers),
   Swin's window attention mapped back to image positions, CaiT's talking heads, a refusal for
   XCiT's channel attention;
 * :mod:`.torch_nn` — ``nn.MultiheadAttention`` (``nn.TransformerEncoderLayer``, torchvision ViT,
   user modules) with per-head weights and the fused fast path switched off;
+* :mod:`.windows` — Swin window attention -> image positions, shared by the timm and Hugging Face
+  Swin rules (no rule of its own);
 * :mod:`.functional` — the fallback for user modules without a recognised attention module: calls
   of ``F.scaled_dot_product_attention`` and softmax over ``(batch, heads, T, T)`` or
   ``(batch·heads, T, T)`` scores and per-head modules, found in one forward pass.
@@ -20,6 +23,6 @@ Importing this package (done by :mod:`probe`) registers every family's capture r
 How to add a rule for a new attention module: :mod:`probe.capture` and ``docs/capture.md``.
 """
 
-from . import cordonnier, functional, gating, hf, timm_extra, torch_nn  # noqa: F401
+from . import cordonnier, functional, gating, hf, hf_swin, timm_extra, torch_nn, windows  # noqa: F401
 
-__all__ = ["cordonnier", "functional", "gating", "hf", "timm_extra", "torch_nn"]
+__all__ = ["cordonnier", "functional", "gating", "hf", "hf_swin", "timm_extra", "torch_nn", "windows"]

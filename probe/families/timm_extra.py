@@ -31,9 +31,7 @@ from torch import nn
 
 from ..capture import CaptureRule, Emit, Restore, TimmAttentionRule, override_attribute, register_rule
 from ..errors import CaptureError
-
-#: Emit the dense Swin attention in pieces of at most this many bytes.
-DENSE_CHUNK_BYTES = 1 << 27
+from .windows import DENSE_CHUNK_BYTES, emit_windows, window_positions, windows_to_dense  # noqa: F401
 
 
 class ConvitGpsaRule(TimmAttentionRule):
@@ -113,53 +111,6 @@ def _fused_off(module: nn.Module) -> Restore:
     return override_attribute(module, "fused_attn", False)
 
 
-def window_positions(
-    grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int], device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """Image position of every token of every Swin window.
-
-    Swin rolls the ``(H, W)`` token grid by ``-shift`` and cuts it into ``window``-sized windows
-    in row-major order (timm ``window_partition``); token ``i`` of a window is its row-major
-    position inside the window.
-
-    Args:
-        grid: ``(H, W)`` tokens of the stage, multiples of ``window``.
-        window: ``(Mh, Mw)`` window size in tokens.
-        shift: ``(Sh, Sw)`` cyclic shift in tokens (0 for regular windows).
-
-    Returns:
-        long tensor ``(num_windows, Mh * Mw)`` of row-major positions ``row * W + col`` in the
-        unshifted grid.
-    """
-    (h, w), (mh, mw), (sh, sw) = grid, window, shift
-    rows = (torch.arange(h, device=device) + sh) % h  # original row of shifted row
-    cols = (torch.arange(w, device=device) + sw) % w
-    pos = rows[:, None] * w + cols[None, :]  # (H, W) in shifted coordinates
-    pos = pos.reshape(h // mh, mh, w // mw, mw).permute(0, 2, 1, 3)
-    return pos.reshape(-1, mh * mw)
-
-
-def windows_to_dense(attn: torch.Tensor, positions: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Scatter per-window attention into the full attention matrix of the stage.
-
-    Args:
-        attn: ``(batch * num_windows, heads, N, N)`` window attention (timm order: image-major).
-        positions: ``(num_windows, N)`` from :func:`window_positions`.
-        num_tokens: ``H * W``.
-
-    Returns:
-        ``(batch, heads, H W, H W)``; zero where query and key share no window.
-    """
-    nw, n = positions.shape
-    b = attn.shape[0] // nw
-    heads = attn.shape[1]
-    flat = (positions[:, :, None] * num_tokens + positions[:, None, :]).reshape(-1)
-    win = attn.reshape(b, nw, heads, n, n).permute(0, 2, 1, 3, 4).reshape(b, heads, nw * n * n)
-    dense = attn.new_zeros(b, heads, num_tokens * num_tokens)
-    dense[:, :, flat] = win
-    return dense.view(b, heads, num_tokens, num_tokens)
-
-
 class SwinWindowRule(CaptureRule):
     """timm Swin (v1, v2) blocks: window attention mapped back to the stage's token grid."""
 
@@ -195,24 +146,9 @@ class SwinWindowRule(CaptureRule):
             state["grid"] = (int(x.shape[1]), int(x.shape[2]))
 
         def on_attn(mod: nn.Module, inp: tuple, attn: torch.Tensor) -> None:
-            h, w = state["grid"]
             window = tuple(int(v) for v in module.window_size)
             shift = tuple(int(v) for v in module.shift_size)
-            if h % window[0] or w % window[1]:
-                raise CaptureError(
-                    f"Swin block with a {h}x{w} token grid and {window[0]}x{window[1]} windows pads its "
-                    "windows, and padded tokens take attention that belongs to no image position; set "
-                    "--input-size so that every stage's grid is a multiple of the window size"
-                )
-            key = (h, w, window, shift, attn.device)
-            if key not in cache:
-                cache[key] = window_positions((h, w), window, shift, attn.device)
-            pos = cache[key]
-            tokens = h * w
-            per_image = attn.shape[1] * tokens * tokens * attn.element_size()
-            step = max(1, DENSE_CHUNK_BYTES // max(per_image, 1)) * pos.shape[0]
-            for s in range(0, attn.shape[0], step):
-                emit(windows_to_dense(attn[s: s + step], pos, tokens))
+            emit_windows(attn, state["grid"], window, shift, emit, cache)
 
         handles = [module.register_forward_pre_hook(pre_hook), attn_mod.attn_drop.register_forward_hook(on_attn)]
 

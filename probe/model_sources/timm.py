@@ -1,0 +1,135 @@
+"""timm models: ``--model vit_small_patch16_224`` or a short alias (:data:`ALIASES`).
+
+Weights: ``--weights FILE`` (timm's ``checkpoint_filter_fn`` remaps foreign layouts of the family
+when the keys do not match as they are), ``--random-init``, or timm's pretrained weights from the
+Hugging Face hub when it is reachable, else from the local Hugging Face cache, else a ProbeError
+naming ``--weights`` / ``--random-init``. The data config is timm's ``pretrained_cfg``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from torch import nn
+
+from ..errors import ProbeError
+from . import checkpoint
+from .base import Constructor, ModelSource, scheme_of
+
+#: Short names accepted by ``--model``, mapped to timm model names.
+ALIASES: dict[str, str] = {
+    "vit_tiny": "vit_tiny_patch16_224",
+    "vit_small": "vit_small_patch16_224",
+    "vit_base": "vit_base_patch16_224",
+    "vit_large": "vit_large_patch16_224",
+    "vit_small_hybrid": "vit_small_r26_s32_224",
+    "vit_base_hybrid": "vit_base_r50_s16_224",
+    "deit_tiny": "deit_tiny_patch16_224",
+    "deit_small": "deit_small_patch16_224",
+    "deit_base": "deit_base_patch16_224",
+    "deit_tiny_distilled": "deit_tiny_distilled_patch16_224",
+    "deit_small_distilled": "deit_small_distilled_patch16_224",
+    "deit_base_distilled": "deit_base_distilled_patch16_224",
+    "dinov2_small": "vit_small_patch14_dinov2",
+    "dinov2_small_reg": "vit_small_patch14_reg4_dinov2",
+    "swin_tiny": "swin_tiny_patch4_window7_224",
+}
+
+
+def resolve_name(name: str) -> str:
+    """Map an alias to its timm name and check that timm knows it.
+
+    Returns:
+        The timm model name.
+
+    Raises:
+        ProbeError: for an unknown name, with the closest known names as suggestions.
+    """
+    import timm
+
+    full = ALIASES.get(name, name)
+    if full in timm.list_models():
+        return full
+    known = sorted(set(timm.list_models()) | set(ALIASES))
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+    if not close:
+        close = [m for m in known if name.split("_")[0] in m][:5]
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ProbeError(
+        f"unknown model {name!r}{hint} (timm names, the aliases {', '.join(sorted(ALIASES)[:6])}..., "
+        "or package.module:factory)"
+    )
+
+
+def cached_hub_file(hub_id: str) -> str | None:
+    """The local Hugging Face cache's ``model.safetensors`` (or ``pytorch_model.bin``) of the
+    timm hub id ``hub_id``, or ``None``."""
+    return checkpoint.cached_hub_file(hub_id)
+
+
+def from_hub(name: str) -> tuple[nn.Module, str]:
+    """timm model ``name`` with its pretrained weights: downloaded by timm when the hub is
+    reachable, else read from the local Hugging Face cache.
+
+    Raises:
+        ProbeError: hub unreachable and nothing cached, or the download failed (naming
+            ``--weights FILE`` and ``--random-init``).
+    """
+    import timm
+
+    probe_net = timm.create_model(name, pretrained=False)
+    cfg = getattr(probe_net, "pretrained_cfg", {}) or {}
+    hub_id = cfg.get("hf_hub_id") or name
+    if not checkpoint.hub_reachable():
+        cached = cached_hub_file(hub_id)
+        if cached is not None:
+            checkpoint.apply_state_dict(probe_net, checkpoint.load_state_dict(cached), name, cached)
+            return probe_net, f"hub {hub_id} (local cache {cached})"
+        raise ProbeError(
+            f"pretrained weights for {name!r} need the Hugging Face hub ({checkpoint.HUB_HOST}), which is not "
+            "reachable; pass a local checkpoint with --weights FILE (or --random-init to analyse "
+            "untrained weights explicitly)"
+        )
+    try:
+        net = timm.create_model(name, pretrained=True)
+    except Exception as e:
+        raise ProbeError(
+            f"could not download pretrained weights for {name!r} ({checkpoint.short_message(e)}); "
+            "pass a local checkpoint with --weights FILE"
+        ) from None
+    return net, f"hub {hub_id}"
+
+
+class TimmSource(ModelSource):
+    """Every other plain name (no ``:``, not the embedded model's, not a Hugging Face folder):
+    a timm model name or one of :data:`ALIASES`; an unknown name is refused with the closest
+    timm names (:func:`resolve_name`)."""
+
+    name = "timm"
+    example = "vit_small_patch16_224, deit_tiny"
+
+    def handles(self, spec: Any) -> bool:
+        if not isinstance(spec, str) or scheme_of(spec) is not None:
+            return False
+        from ..cordonnier import DEFAULT_ALIASES
+        from ..families import hf
+
+        return spec not in DEFAULT_ALIASES and not hf.handles(spec)
+
+    def display_name(self, spec: Any) -> str:
+        return resolve_name(spec)
+
+    def architecture(self, spec: Any) -> Constructor:
+        name = resolve_name(spec)
+
+        def make(seed: int) -> nn.Module:
+            """timm's ``create_model(name, pretrained=False)`` (random init, seeded by the caller)."""
+            import timm
+
+            return timm.create_model(name, pretrained=False)
+
+        return make
+
+    def pretrained(self, spec: Any, make: Constructor, seed: int) -> tuple[nn.Module, str]:
+        return from_hub(resolve_name(spec))
