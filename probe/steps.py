@@ -387,6 +387,23 @@ class AttributionOptions:
 _N_RANDOM = 10
 
 
+def _no_logits_reason(net: Any, x: Any) -> str | None:
+    """Why attribution cannot explain ``net`` (one image ``x`` of shape ``(1, C, H, W)`` through
+    it): its output is not a ``(batch, classes)`` tensor (an encoder returning tokens, e.g. ViT-MAE's
+    ``last_hidden_state``), else ``None``."""
+    import torch
+
+    from .attribution import as_logits
+
+    with torch.no_grad():
+        out = as_logits(net(x))
+    if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] >= 1:
+        return None
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    return (f"the model's output ({shape}) is not (batch, classes) logits: head attribution explains a "
+            "class score; analyse a model with a classification head (num_classes > 0)")
+
+
 @register_analysis
 class HeadAttribution(Analysis):
     """Importance of every head for the predicted class's logit with captum (integrated
@@ -421,6 +438,10 @@ class HeadAttribution(Analysis):
             result.meta["attribution_skipped"] = reason
             raise SkipAnalysis(reason)
         x = ctx.images
+        reason = _no_logits_reason(net, x[:1])
+        if reason is not None:
+            result.meta["attribution_skipped"] = reason
+            raise SkipAnalysis(reason)
         labels = imagenet_labels_or_none(ctx.image_names[: x.shape[0]], int(getattr(net, "num_classes", 0) or 0))
         o = self.options
         n, nf = int(x.shape[0]), len(result.heads)

@@ -169,3 +169,15 @@ def test_attribution_gates(family):
     for col in ("importance_ig", "importance_ablation"):
         assert abs(float(df.loc[keep, col])) > 1e-4, (family, col)
         assert df.drop(index=keep)[col].abs().max() < 1e-6, (family, col)
+
+
+def test_attribution_on_an_encoder_is_skipped_with_the_reason():
+    """ViT-MAE's encoder returns tokens, not class scores: attribution is skipped (not a crash
+    after the capture pass), the rest of the analysis is there."""
+    import probe
+
+    r = probe.analyze(build("vit_mae"), images(3), attribution="ig", attribution_images=2, progress=False,
+                      conv_test=False, fits=False, n_bootstrap=0)
+    assert "not (batch, classes) logits" in r.meta["attribution_skipped"]
+    assert "attribution" in r.meta["analyses_skipped"] and "importance_ig" not in r.heads
+    assert len(r.heads) == 2 * 4
