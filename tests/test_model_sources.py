@@ -418,3 +418,14 @@ def test_models_keeps_its_public_names():
         assert hasattr(models, name), name
     assert models.ResolvedModel is model_sources.ResolvedModel
     assert isinstance(resolve_model(tiny_vit()).model, nn.Module)
+
+
+def test_a_source_needs_a_scheme_or_handles():
+    from probe.errors import ProbeError
+    from probe.model_sources import ModelSource, register_source
+
+    class Nothing(ModelSource):
+        name = "nothing-recognised"
+
+    with pytest.raises(ProbeError, match="no scheme"):
+        register_source(Nothing())

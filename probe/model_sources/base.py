@@ -103,8 +103,11 @@ class ModelSource:
 
     def handles(self, spec: Any) -> bool:
         """True if this source resolves ``spec`` (a ``--model`` string, ``None``, a module, ...).
-        Must not raise and should be cheap (no model construction, no network)."""
-        raise NotImplementedError
+        Must not raise and should be cheap (no model construction, no network). Default: a string
+        that starts with ``scheme + ":"`` (a source without a ``scheme`` must override this)."""
+        if not self.scheme:
+            raise NotImplementedError(f"{type(self).__name__}.handles (a source without a scheme)")
+        return isinstance(spec, str) and spec.startswith(self.scheme + ":")
 
     def display_name(self, spec: Any) -> str:
         """The model's name in reports (``ResolvedModel.name``); may raise ProbeError for a spec
@@ -211,10 +214,14 @@ def register_source(source: ModelSource, first: bool = True) -> None:
     :attr:`~ModelSource.name` is already registered replaces that one.
 
     Raises:
-        ProbeError: ``source`` is not a :class:`ModelSource`.
+        ProbeError: ``source`` is not a :class:`ModelSource`, or has neither a ``scheme`` nor its
+            own ``handles``.
     """
     if not isinstance(source, ModelSource):
         raise ProbeError(f"register_source needs a probe.model_sources.ModelSource, got {type(source).__name__}")
+    if not source.scheme and type(source).handles is ModelSource.handles:
+        raise ProbeError(f"model source {type(source).__name__} sets no scheme and does not define handles(spec); "
+                         "give it a scheme (it then claims 'scheme:...') or a handles method")
     _ensure_builtins()
     _SOURCES[:] = [s for s in _SOURCES if s.name != source.name]
     if first:

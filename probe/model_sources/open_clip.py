@@ -184,9 +184,6 @@ class OpenCLIPSource(ModelSource):
     scheme = "open_clip"
     example = "open_clip:ViT-B-32, open_clip:ViT-B-32:TAG"
 
-    def handles(self, spec: Any) -> bool:
-        return isinstance(spec, str) and spec.startswith(_PREFIX)
-
     def display_name(self, spec: Any) -> str:
         arch, tag = parse_spec(spec)
         return f"{_PREFIX}{arch}" + (f":{tag}" if tag else "")

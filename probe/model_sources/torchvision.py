@@ -115,9 +115,6 @@ class TorchvisionSource(ModelSource):
     scheme = "torchvision"
     example = "torchvision:vit_b_16"
 
-    def handles(self, spec: Any) -> bool:
-        return isinstance(spec, str) and spec.startswith(_PREFIX)
-
     def display_name(self, spec: Any) -> str:
         name, weights = parse_spec(spec)
         return f"{_PREFIX}{name}" + (f":{weights.name}" if weights is not None else "")
