@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 import time
@@ -122,7 +123,7 @@ def _safe_name(name: str) -> str:
 
 @app.command()
 def analyze(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="default: probe's embedded attention-only CIFAR-10 model (Cordonnier et al. 2020; no download); or a timm name or alias (vit_small, deit_tiny, ...), package.module:factory, or hf:FOLDER / hf:ORG/NAME (Hugging Face)", rich_help_panel="Model"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="default: probe's embedded attention-only CIFAR-10 model (Cordonnier et al. 2020; no download); or a timm name or alias (vit_small, deit_tiny, ...), package.module:factory, hf:FOLDER / hf:ORG/NAME (Hugging Face), open_clip:ARCH[:TAG] (OpenCLIP image tower), or torchvision:NAME[:WEIGHTS]", rich_help_panel="Model"),
     weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="local checkpoint: .safetensors, or .pth/.pt read with weights_only=True", rich_help_panel="Model"),
     random_init: bool = typer.Option(False, "--random-init", help="analyse untrained weights (explicit opt-in)", rich_help_panel="Model"),
     images: Optional[str] = typer.Option(None, "--images", "-i", help="folder, file or glob; WebDataset tar shards ('shards-{000..003}.tar', a glob or a folder of .tar); hf-dataset:PATH[:split] (a datasets save_to_disk folder, .arrow or .parquet file); default: scikit-learn's two sample photos", rich_help_panel="Images"),
@@ -156,36 +157,64 @@ def analyze(
     query: Optional[str] = typer.Option(None, "--query", help="query patch ROW,COL whose mean attention map the report shows (default: the central patch)", rich_help_panel="Output"),
     analysis: Optional[list[str]] = typer.Option(None, "--analysis", metavar="NAME", help="also run this registered analysis (repeatable; docs/analyses.md)", rich_help_panel="Analyses"),
     set_option: Optional[list[str]] = typer.Option(None, "--set", metavar="ANALYSIS.OPTION=VALUE", help="an analysis option, ANALYSIS.OPTION=VALUE (repeatable), e.g. quadratic.anisotropic=true", rich_help_panel="Analyses"),
+    distributed: Optional[bool] = typer.Option(None, "--distributed/--no-distributed", help="shard the images across the ranks of a torchrun launch (torchrun --nproc-per-node N -m probe analyze ...; gloo on cpu, nccl with --device cuda, one GPU per rank); rank 0 writes the report. Default: on when started by torchrun with WORLD_SIZE > 1", rich_help_panel="Images"),
 ) -> None:
     """Capture attention, compute per-head statistics and write report.html and heads.csv."""
     from .analyses.convlike import ConvLikeConfig
     from .pipeline import analyze as run_analysis
 
+    dist_run = None
     try:
-        overrides = {}
-        size = _parse_floats(input_size, 3, "--input-size")
-        if size is not None:
-            overrides["input_size"] = tuple(int(v) for v in size)
-        channels = overrides.get("input_size", (3,))[0]
-        for key, text in (("mean", mean), ("std", std)):
-            vals = _parse_floats(text, channels, f"--{key}")
-            if vals is not None:
-                overrides[key] = vals
-        from .result import check_output_dir
+        from .distributed import launched, setup
 
-        out_dir = check_output_dir(out if out is not None else
-                                   Path("reports") / f"{_safe_name(model or 'cordonnier')}-{time.strftime('%Y%m%d-%H%M%S')}")
-        _check_options(num_images=num_images, batch_size=batch_size, attribution_images=attribution_images,
-                       patch_size=patch_size, null_seeds=null_seeds, null_images=null_images,
-                       local_radius=local_radius, conv_level=conv_level, kernel_size=kernel_size,
-                       overrides=overrides, query=query)
-        from .analyses.base import parse_assignments
+        if distributed or (distributed is None and launched()):
+            dist_run = setup(device)
+    except ProbeError as e:
+        raise _fail(str(e))
+    main = dist_run is None or dist_run.is_main
+    try:
+        return _analyze(dist_run, main, model=model, weights=weights, random_init=random_init, images=images,
+                        workers=workers, layers=layers, num_images=num_images, batch_size=batch_size,
+                        device=device, amp=amp, seed=seed, out=out, prefix_tokens=prefix_tokens, grid=grid,
+                        patch_size=patch_size, input_size=input_size, mean=mean, std=std, fits=fits,
+                        anisotropic=anisotropic, conv_test=conv_test, null_seeds=null_seeds,
+                        null_images=null_images, null_layers=null_layers, local_radius=local_radius,
+                        kernel_size=kernel_size, conv_level=conv_level, conv_calibration=conv_calibration,
+                        attribution=attribution, attribution_images=attribution_images, query=query,
+                        analysis=analysis, set_option=set_option, ConvLikeConfig=ConvLikeConfig,
+                        run_analysis=run_analysis)
+    finally:
+        if dist_run is not None:
+            from .distributed import shutdown
+
+            shutdown()
+
+
+def _analyze(dist_run, main: bool, *, model, weights, random_init, images, workers, layers, num_images,
+             batch_size, device, amp, seed, out, prefix_tokens, grid, patch_size, input_size, mean, std, fits,
+             anisotropic, conv_test, null_seeds, null_images, null_layers, local_radius, kernel_size, conv_level,
+             conv_calibration, attribution, attribution_images, query, analysis, set_option, ConvLikeConfig,
+             run_analysis) -> None:
+    """``probe analyze`` after the distributed set-up: on a rank other than 0 (``main`` false)
+    the output folder is not checked, no progress or summary is shown and nothing is written."""
+    try:
+        try:
+            checked = _checked_options(main, model=model, out=out, input_size=input_size, mean=mean, std=std,
+                                       num_images=num_images, batch_size=batch_size,
+                                       attribution_images=attribution_images, patch_size=patch_size,
+                                       null_seeds=null_seeds, null_images=null_images, local_radius=local_radius,
+                                       conv_level=conv_level, kernel_size=kernel_size, query=query,
+                                       set_option=set_option)
+        except ProbeError as e:
+            if dist_run is not None:
+                dist_run.agree(e)  # the other ranks stop at their agreement before the capture
+            raise
+        out_dir, overrides, analysis_options = checked
+        from .data import workers_default
         from .progress import RichProgress
 
-        analysis_options = parse_assignments(set_option)
-        from .data import workers_default
-
-        with workers_default(workers), RichProgress(console) as progress:  # one bar per stage (capture, fits, ...)
+        progress_ctx = RichProgress(console) if main else contextlib.nullcontext(False)
+        with workers_default(workers), progress_ctx as progress:  # one bar per stage (capture, fits, ...)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", UserWarning)
                 result = run_analysis(
@@ -200,10 +229,13 @@ def analyze(
                     attribution=attribution, attribution_images=attribution_images,
                     query=_query_pair(query), analyses=analysis or None,
                     analysis_options=analysis_options or None,
+                    distributed=dist_run if dist_run is not None else False,
                 )
         for w in caught:
             if "unreadable image" in str(w.message):
                 console.print(f"[yellow]warning:[/] {w.message}")
+        if result is None:  # a rank other than 0 of a distributed run: rank 0 writes the report
+            return
         import shlex
 
         result.meta["command"] = "probe " + shlex.join(sys.argv[1:])
@@ -214,6 +246,39 @@ def analyze(
         raise _interrupted()
     _summary(result)
     console.print(f"report: {report}\nheads table: {report.parent / 'heads.csv'}")
+
+
+def _checked_options(main: bool, *, model, out, input_size, mean, std, num_images, batch_size,
+                     attribution_images, patch_size, null_seeds, null_images, local_radius, conv_level,
+                     kernel_size, query, set_option) -> tuple:
+    """``(output folder, data overrides, analysis options)`` of ``probe analyze``, every option
+    checked before any work; the output folder only on rank 0 (``main``; None elsewhere).
+
+    Raises:
+        ProbeError: naming the bad option.
+    """
+    overrides = {}
+    size = _parse_floats(input_size, 3, "--input-size")
+    if size is not None:
+        overrides["input_size"] = tuple(int(v) for v in size)
+    channels = overrides.get("input_size", (3,))[0]
+    for key, text in (("mean", mean), ("std", std)):
+        vals = _parse_floats(text, channels, f"--{key}")
+        if vals is not None:
+            overrides[key] = vals
+    from .result import check_output_dir
+
+    out_dir = None
+    if main:
+        out_dir = check_output_dir(out if out is not None else
+                                   Path("reports") / f"{_safe_name(model or 'cordonnier')}-{time.strftime('%Y%m%d-%H%M%S')}")
+    _check_options(num_images=num_images, batch_size=batch_size, attribution_images=attribution_images,
+                   patch_size=patch_size, null_seeds=null_seeds, null_images=null_images,
+                   local_radius=local_radius, conv_level=conv_level, kernel_size=kernel_size,
+                   overrides=overrides, query=query)
+    from .analyses.base import parse_assignments
+
+    return out_dir, overrides, parse_assignments(set_option)
 
 
 def _summary(result) -> None:

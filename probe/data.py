@@ -126,12 +126,27 @@ class TensorImages:
         Raises:
             ProbeError: if ``batch_size < 1``.
         """
+        for batch, names, _ in self.indexed_batches(batch_size):
+            yield batch, names
+
+    def indexed_batches(self, batch_size: int, start: int = 0, stop: int | None = None
+                        ) -> Iterator[tuple[torch.Tensor, list[str], list[int]]]:
+        """Yield ``(batch (B, C, H, W), names, indices)`` for the images ``[start, stop)`` of the
+        stream (default all), batches of ``batch_size`` counted from ``start``; ``indices`` are
+        the images' positions in the stream (a distributed rank's shard, :mod:`probe.distributed`).
+
+        Raises:
+            ProbeError: if ``batch_size < 1``.
+        """
         if batch_size < 1:
             raise ProbeError(f"--batch-size must be at least 1, got {batch_size}")
         n = self.pool.shape[0]
-        for start in range(0, self.num_images, batch_size):
-            idx = torch.arange(start, min(start + batch_size, self.num_images)) % n
-            yield self.pool.index_select(0, idx.to(self.pool.device)), [f"image_{int(i)}" for i in idx]
+        stop = self.num_images if stop is None else min(stop, self.num_images)
+        for first in range(start, stop, batch_size):
+            pos = torch.arange(first, min(first + batch_size, stop))
+            idx = pos % n
+            yield (self.pool.index_select(0, idx.to(self.pool.device)), [f"image_{int(i)}" for i in idx],
+                   pos.tolist())
 
 
 def _expand(source: str | Path) -> list[Path]:
@@ -349,17 +364,18 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def default_workers(num_images: int | None = None, batch_size: int | None = None) -> int:
+def default_workers(num_images: int | None = None, batch_size: int | None = None, cpus: int | None = None) -> int:
     """Decoding worker processes when none are asked for: ``min(4, CPUs − 1)`` (one CPU is left
     for the forward pass, and more than four rarely pay for a ViT's batch); 0 (decode in this
     process) on at most two CPUs — there a worker only takes a core from the forward pass, which
     is the bottleneck (``bench/RESULTS-loader.md``: decoding 290 images/s, DeiT-Tiny's forward 48)
     — and for at most two batches of images, where starting workers costs more than it saves.
-    :func:`workers_default` overrides it.
+    :func:`workers_default` overrides it. ``cpus``: the CPUs this process may use (default
+    :func:`cpu_count`; a distributed rank passes its share of the machine).
     """
     if _WORKERS_OVERRIDE is not None:
         return _WORKERS_OVERRIDE
-    cpus = cpu_count()
+    cpus = cpu_count() if cpus is None else max(1, int(cpus))
     n = min(4, cpus - 1) if cpus > 2 else 0
     if n <= 0 or (num_images is not None and batch_size is not None and num_images <= 2 * batch_size):
         return 0
@@ -447,6 +463,42 @@ def iter_batches(
     Raises:
         ProbeError: if ``batch_size < 1``, ``workers < 0``, or no image at all could be read.
     """
+    for batch, names, _ in iter_indexed_batches(images, transform, batch_size, mode, workers=workers,
+                                                pin_memory=pin_memory):
+        yield batch, names
+
+
+def iter_indexed_batches(
+    images: ImageSet,
+    transform: Callable[[Image.Image], torch.Tensor],
+    batch_size: int,
+    mode: str = "RGB",
+    *,
+    workers: int | None = None,
+    pin_memory: bool | None = None,
+    start: int = 0,
+    stop: int | None = None,
+    reserve_part: tuple[int, int] = (0, 1),
+    require_any: bool = True,
+) -> Iterator[tuple[torch.Tensor, list[str], list[int]]]:
+    """:func:`iter_batches` with each image's index, optionally for one shard of the images.
+
+    Yields ``(batch, names, indices)``: ``indices[j]`` is the position of image ``j`` in
+    ``images.items`` (``len(items) + k`` for the ``k``-th reserve item), increasing. A
+    distributed rank (:mod:`probe.distributed`) reads ``items[start:stop]`` and, in place of its
+    unreadable ones, the reserve items ``k`` with ``k % parts == part`` (``reserve_part = (part,
+    parts)``), so ranks never read the same image.
+
+    Args:
+        images, transform, batch_size, mode, workers, pin_memory: as :func:`iter_batches`.
+        start, stop: the slice of ``images.items`` to read (default all).
+        reserve_part: ``(part, parts)``, the share of the reserve this reader may use.
+        require_any: raise when no image could be read (off for a shard: the ranks decide
+            together).
+
+    Raises:
+        ProbeError: as :func:`iter_batches` (the last only with ``require_any``).
+    """
     if batch_size < 1:
         raise ProbeError(f"--batch-size must be at least 1, got {batch_size}")
     if workers is None:
@@ -454,9 +506,14 @@ def iter_batches(
     if workers is not None:
         _check_workers(workers)
     pin = torch.cuda.is_available() and (pin_memory is None or bool(pin_memory))  # pinning needs CUDA
-    wanted = len(images.items)
+    n_items = len(images.items)
+    stop = n_items if stop is None else min(stop, n_items)
+    start = min(max(0, start), stop)
+    part, parts = reserve_part
+    wanted = stop - start
     pieces: list[torch.Tensor] = []
     names: list[str] = []
+    index: list[int] = []
     n_pending = n_ok = 0
 
     def take(k: int) -> torch.Tensor:
@@ -475,7 +532,9 @@ def iter_batches(
         batch = torch.cat(out)
         return batch.pin_memory() if pin else batch
 
-    todo: Sequence[Any] = images.items
+    todo: Sequence[Any] = images.items[start:stop]
+    todo_index: list[int] = list(range(start, stop))
+    reserve_index = list(range(part, len(images.reserve), parts))
     next_reserve = 0
     while len(todo):
         if workers is not None:
@@ -487,28 +546,31 @@ def iter_batches(
         chunks = _DecodedChunks(todo, transform, mode, batch_size)
         loader = torch.utils.data.DataLoader(chunks, batch_size=None, shuffle=False,
                                              num_workers=min(n_workers, len(chunks)), pin_memory=pin)
-        for entries, tensor in loader:
-            for name, err in entries:
+        for k, (entries, tensor) in enumerate(loader):
+            for j, (name, err) in enumerate(entries):
                 if err is not None:
                     images.skipped.append(name)
                     warnings.warn(f"skipping unreadable image {name}: {err}", stacklevel=2)
                 else:
                     names.append(name)
+                    index.append(todo_index[k * batch_size + j])
             if tensor is not None:
                 pieces.append(tensor)
                 n_pending += tensor.shape[0]
                 n_ok += tensor.shape[0]
             while n_pending >= batch_size:
                 batch = take(batch_size)
-                yield batch, names[:batch_size]
-                del names[:batch_size]
+                yield batch, names[:batch_size], index[:batch_size]
+                del names[:batch_size], index[:batch_size]
                 n_pending -= batch_size
         missing = wanted - n_ok  # the reserve replaces unreadable ones, as many as were skipped
-        todo = images.reserve[next_reserve:next_reserve + missing] if missing > 0 else []
+        picked = reserve_index[next_reserve:next_reserve + missing] if missing > 0 else []
+        todo = [images.reserve[k] for k in picked]
+        todo_index = [n_items + k for k in picked]
         next_reserve += len(todo)
     if n_pending:
-        yield take(n_pending), names
-    if n_ok == 0:
+        yield take(n_pending), names, index
+    if n_ok == 0 and require_any:
         raise ProbeError(
             f"none of the {len(images.items)} image file(s) in {images.description} could be read "
             f"({len(images.skipped)} unreadable); pass a folder of JPEG/PNG images to --images"

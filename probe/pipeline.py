@@ -27,7 +27,8 @@ from .capture import (
     infer_geometries,
     parse_layers,
 )
-from .data import ImageSet, TensorImages, collect_images, eval_transform, iter_batches
+from .data import (ImageSet, TensorImages, collect_images, cpu_count, default_workers, eval_transform,
+                   iter_indexed_batches)
 from .errors import CaptureError, ProbeError
 from .models import ResolvedModel, file_sha256, resolve_model
 from .progress import ProgressReporter, make_progress
@@ -85,8 +86,9 @@ def analyze(
     query: tuple[int, int] | None = None,
     analyses: Sequence[str | Analysis | type] | None = None,
     analysis_options: dict[str, Any] | None = None,
+    distributed: Any = False,
     _geometries: dict | None = None,
-) -> AnalysisResult:
+) -> AnalysisResult | None:
     """Analyse the attention heads of ``model`` on ``images``.
 
     Args:
@@ -112,7 +114,9 @@ def analyze(
             attribution; :mod:`probe.progress`): ``None`` (default) shows them in a terminal or
             notebook only, ``True`` always, ``False`` never; a callable ``progress(images_done,
             images_total)`` is called after each captured batch, ``progress(stage, done, total)``
-            on every update of every stage; or a :class:`~probe.progress.ProgressReporter`.
+            on every update of every stage; or a :class:`~probe.progress.ProgressReporter`. On the
+            ranks other than 0 of a distributed run ``None`` and ``True`` show nothing, and the
+            capture stage counts that rank's shard.
         fits: fit the quadratic-encoding Δ and α of every head (analysis ``quadratic``,
             :mod:`probe.analyses.quadratic`).
         anisotropic: also fit the full 2x2 covariance form.
@@ -142,6 +146,13 @@ def analyze(
             their requirements are added. See :func:`probe.analyses.base.analyses`.
         analysis_options: ``{name: Options instance or dict}`` for analyses selected by name or
             by the flags above (``{"quadratic": {"anisotropic": True}}`` overrides the flag).
+        distributed: ``False`` (default): one process. ``True``: this process is one rank of a
+            run started by ``torchrun`` (:mod:`probe.distributed`; the default process group is
+            initialised from the launcher's environment unless it already is: gloo on the CPU,
+            nccl on CUDA); or a :class:`probe.distributed.Distributed`. Every rank must call
+            ``analyze`` with the same arguments; each captures its shard of the images, the
+            reducers' sums are all-reduced, and rank 0 runs the analyses and returns the result
+            (equal to a single-process run's to float64 rounding); the other ranks return ``None``.
         _geometries: internal: ``{layer index: TokenGeometry}`` of an analysed model, reused
             (instead of a dry run) for its random-init copies.
 
@@ -149,32 +160,61 @@ def analyze(
         An :class:`~probe.result.AnalysisResult` (``heads`` / ``layers`` DataFrames,
         per-layer :class:`~probe.analyses.reducers.LayerStats`, metadata, ``write_report``);
         ``meta["analyses"]`` lists the analyses run, ``meta["analyses_skipped"]`` those that
-        could not run, with the reason.
+        could not run, with the reason. ``None`` on the ranks other than 0 of a distributed run.
 
     Raises:
         ProbeError: for any bad input (model, weights, layers, images, device, geometry,
-            analyses and their options), before any image is read.
+            analyses and their options), before any image is read; in a distributed run on
+            every rank when one rank fails (:meth:`probe.distributed.Distributed.agree`).
     """
     t0 = time.perf_counter()
-    _check_arguments(model, images, batch_size=batch_size, num_images=num_images, n_bootstrap=n_bootstrap,
-                     seed=seed, null_seeds=null_seeds, null_images=null_images,
-                     attribution_images=attribution_images, ig_steps=ig_steps, data_overrides=data_overrides)
-    if isinstance(images, torch.Tensor) and images.dtype == torch.float64:
-        images = images.float()
-    dev = resolve_device(device)
-    selection = _selection(fits=fits, anisotropic=anisotropic, conv_test=conv_test, conv_config=conv_config,
-                           null_seeds=null_seeds, null_images=null_images, null_layers=null_layers,
-                           attribution=attribution, attribution_images=attribution_images, ig_steps=ig_steps,
-                           analyses=analyses, analysis_options=analysis_options)
-    reporter, owned = make_progress(progress)
+    dist_run = _distributed(distributed, device)
+    try:
+        _check_arguments(model, images, batch_size=batch_size, num_images=num_images, n_bootstrap=n_bootstrap,
+                         seed=seed, null_seeds=null_seeds, null_images=null_images,
+                         attribution_images=attribution_images, ig_steps=ig_steps, data_overrides=data_overrides)
+        if isinstance(images, torch.Tensor) and images.dtype == torch.float64:
+            images = images.float()
+        dev = resolve_device(device)
+        selection = _selection(fits=fits, anisotropic=anisotropic, conv_test=conv_test, conv_config=conv_config,
+                               null_seeds=null_seeds, null_images=null_images, null_layers=null_layers,
+                               attribution=attribution, attribution_images=attribution_images, ig_steps=ig_steps,
+                               analyses=analyses, analysis_options=analysis_options)
+        # ranks other than 0 show no bars of their own (a callable or reporter given to them still runs)
+        shown = dist_run is None or dist_run.is_main or not (progress is None or progress is True)
+        reporter, owned = make_progress(progress if shown else False)
+    except Exception as e:
+        if dist_run is not None:
+            dist_run.agree(e)  # the other ranks learn of it at their agreement before the capture
+        raise
     try:
         return _run(model, images, selection, reporter, t0=t0, dev=dev, layers=layers, weights=weights,
                     random_init=random_init, num_images=num_images, batch_size=batch_size, device=device,
                     amp=amp, seed=seed, n_bootstrap=n_bootstrap, prefix_tokens=prefix_tokens, grid=grid,
-                    patch_size=patch_size, data_overrides=data_overrides, query=query, _geometries=_geometries)
+                    patch_size=patch_size, data_overrides=data_overrides, query=query, _geometries=_geometries,
+                    dist_run=dist_run)
     finally:
         if owned:
             reporter.close()
+
+
+def _distributed(distributed: Any, device: Any) -> Any:
+    """``analyze(distributed=...)`` as a :class:`probe.distributed.Distributed` or ``None``.
+
+    Raises:
+        ProbeError: for a value that is neither a bool nor a ``Distributed``, or ``True`` outside
+            a launcher's environment (:func:`probe.distributed.setup`).
+    """
+    if distributed is None or distributed is False:
+        return None
+    from .distributed import Distributed, setup
+
+    if isinstance(distributed, Distributed):
+        return distributed
+    if distributed is True:
+        return setup(device if isinstance(device, (str, torch.device)) else "cpu")
+    raise ProbeError(f"distributed must be True, False or a probe.distributed.Distributed, got "
+                     f"{type(distributed).__name__}")
 
 
 def _selection(*, fits: bool, anisotropic: bool, conv_test: bool, conv_config: Any, null_seeds: int,
@@ -223,8 +263,143 @@ def _selection(*, fits: bool, anisotropic: bool, conv_test: bool, conv_config: A
 def _run(model: Any, images: Any, selection: list[Analysis], reporter: ProgressReporter, *, t0: float,
          dev: torch.device, layers: Any, weights: Any, random_init: bool, num_images: int | None,
          batch_size: int, device: str, amp: bool, seed: int, n_bootstrap: int, prefix_tokens: Any, grid: Any,
-         patch_size: Any, data_overrides: Any, query: Any, _geometries: Any) -> AnalysisResult:
-    """:func:`analyze` after its argument checks: resolve, capture, run the analyses."""
+         patch_size: Any, data_overrides: Any, query: Any, _geometries: Any, dist_run: Any = None
+         ) -> AnalysisResult | None:
+    """:func:`analyze` after its argument checks: resolve, capture, (all-reduce,) run the analyses."""
+    try:
+        setup = _setup(model, images, selection, reporter, layers=layers, weights=weights, random_init=random_init,
+                       num_images=num_images, batch_size=batch_size, device=device, dev=dev, amp=amp, seed=seed,
+                       n_bootstrap=n_bootstrap, prefix_tokens=prefix_tokens, grid=grid, patch_size=patch_size,
+                       data_overrides=data_overrides, query=query, _geometries=_geometries, dist_run=dist_run)
+    except Exception as e:
+        if dist_run is not None:
+            dist_run.agree(e)
+        raise
+    (resolved, net, image_set, transform, data_cfg, mode, selected, all_layers, geometries, geometry, ctx,
+     sinks) = setup
+    if dist_run is not None:  # every rank ready, with the same images and layers: capture
+        dist_run.agree(None, facts={"images": len(image_set), "model": resolved.name,
+                                    "layers": [l.index for l in selected], "batch_size": batch_size,
+                                    "n_bootstrap": n_bootstrap, "seed": seed})
+
+    def sink(index: int, attn: torch.Tensor) -> None:
+        for _, r in sinks[index]:
+            if getattr(r, "uses_image_index", False):
+                r.update(attn, image_index=batch_index)
+            else:
+                r.update(attn)
+
+    keep = max([a.images_needed() for a in selection if "model" in a.consumes] or [0])
+    # a distributed rank keeps at least one image: rank 0's example photo may come from a later rank
+    keep_here = keep if dist_run is None else max(keep, 1)
+    kept: list[torch.Tensor] = []  # the first `keep` images, for the analyses that re-run the model
+    kept_n = done = 0
+    names: list[str] = []
+    example = capture = None
+    batch_index: list[int] = []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (amp and dev.type == "cuda") else None
+    skipped_before = len(image_set.skipped)
+    failure: Exception | None = None
+    try:  # in a distributed run every rank reaches the agreement after it, whatever fails here
+        # the attention layer after the deepest selected one: later blocks need not run
+        deepest = selected[-1].index
+        stop_before = all_layers[deepest + 1].module if deepest + 1 < len(all_layers) else None
+        capture = AttentionCapture(selected, sink, stop_before=stop_before)
+        start, stop = (0, len(image_set)) if dist_run is None else dist_run.shard(len(image_set), batch_size)
+        total = stop - start
+        with reporter.stage("capture", total=total) as stage, capture, torch.no_grad():
+            if isinstance(image_set, TensorImages):
+                batches = image_set.indexed_batches(batch_size, start, stop)
+            elif total == 0:
+                batches = iter(())
+            else:
+                workers = image_set.workers
+                if dist_run is not None and workers is None and not all(isinstance(i, tuple) for i in image_set.items):
+                    # this rank's share of the machine's CPUs (an explicit --workers still wins)
+                    workers = default_workers(total, batch_size,
+                                              cpus=max(1, cpu_count() // max(1, dist_run.local_world_size)))
+                batches = iter_indexed_batches(image_set, transform, batch_size, mode, workers=workers, start=start,
+                                               stop=stop, reserve_part=(0, 1) if dist_run is None else
+                                               (dist_run.rank, dist_run.world_size),
+                                               require_any=dist_run is None)
+            for batch, batch_names, batch_index in batches:
+                batch = batch.to(dev, non_blocking=True)
+                if kept_n < keep_here:
+                    kept.append(batch[: keep_here - kept_n].float())
+                    kept_n += kept[-1].shape[0]
+                if autocast is not None:
+                    with autocast:
+                        capture.forward(net, batch)
+                else:
+                    capture.forward(net, batch)
+                if done == 0:
+                    capture.check_all_captured(resolved.name)
+                    capture.arm_early_exit()
+                    example = _example_photo(batch[0], data_cfg)
+                done += batch.shape[0]
+                names.extend(batch_names)
+                stage.update(done + len(image_set.skipped) - skipped_before, total)
+    except Exception as e:
+        if dist_run is None:
+            raise
+        failure = e
+    images_kept = torch.cat(kept) if kept else None
+    if dist_run is not None:
+        dist_run.agree(failure)
+        done, names, example, images_kept = _combine_ranks(dist_run, image_set, sinks, done, names, images_kept,
+                                                           keep_here, data_cfg)
+        if done == 0:  # on every rank: no rank could read an image
+            raise ProbeError(
+                f"none of the {len(image_set)} image file(s) in {image_set.description} could be read "
+                "on any rank; pass a folder of JPEG/PNG images to --images")
+        if not dist_run.is_main:
+            return None
+        if keep == 0:
+            images_kept = None
+        elif images_kept is not None:
+            images_kept = images_kept[:keep]
+
+    ctx.reduced = {}
+    for index, pairs in sinks.items():
+        for name, r in pairs:
+            ctx.reduced.setdefault(name, {})[index] = r.result()
+    ctx.images = images_kept
+    ctx.image_names = names
+    meta = _meta(resolved, image_set, selected, all_layers, geometry, geometries, data_cfg, dev, autocast,
+                 capture, t0, done=done, names=names, batch_size=batch_size, seed=seed, n_bootstrap=n_bootstrap,
+                 query=query, weights=weights, call=_call_text(model, images, layers=layers, weights=weights,
+                                                               random_init=random_init, num_images=num_images,
+                                                               seed=seed))
+    if dist_run is not None:
+        from .distributed import shard_range
+
+        # [start, stop) of each rank's items (before replacements of unreadable files)
+        meta["distributed"] = {"world_size": dist_run.world_size, "backend": dist_run.backend,
+                               "shards": [list(shard_range(len(image_set), batch_size, r, dist_run.world_size))
+                                          for r in range(dist_run.world_size)]}
+    ctx.result = AnalysisResult(heads=pd.DataFrame(columns=["layer", "head"]), layers=pd.DataFrame(columns=["layer"]),
+                                stats={}, geometry=geometry, meta=meta)
+    ctx.result.extras["example_image"] = example  # the report's photo under the query maps
+    skipped: dict[str, str] = {}
+    for a in selection:
+        _guard(a, a.run, ctx, skipped)
+    meta["analyses"] = [a.name for a in selection if a.name not in skipped]
+    meta["analyses_skipped"] = skipped
+    meta["runtime_s"] = time.perf_counter() - t0
+    return ctx.result
+
+
+def _setup(model: Any, images: Any, selection: list[Analysis], reporter: ProgressReporter, *, layers: Any,
+           weights: Any, random_init: bool, num_images: int | None, batch_size: int, device: str,
+           dev: torch.device, amp: bool, seed: int, n_bootstrap: int, prefix_tokens: Any, grid: Any,
+           patch_size: Any, data_overrides: Any, query: Any, _geometries: Any, dist_run: Any) -> tuple:
+    """Resolve the model and images, find the layers and geometries, check the analyses and make
+    their reducers (no image is read yet).
+
+    Raises:
+        ProbeError: for anything that cannot be analysed; in a distributed run also for an
+            analysis whose reducer cannot be merged across ranks.
+    """
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(
         model, weights=weights, random_init=random_init, seed=seed
     )
@@ -280,66 +455,36 @@ def _run(model: Any, images: Any, selection: list[Analysis], reporter: ProgressR
                 r = a.reducer(l.index, geometries[l.index], ctx)
                 if r is not None:
                     sinks[l.index].append((a.name, r))
+    if dist_run is not None:
+        from .distributed import check_mergeable
 
-    def sink(index: int, attn: torch.Tensor) -> None:
-        for _, r in sinks[index]:
-            r.update(attn)
+        check_mergeable([pair for pairs in sinks.values() for pair in pairs])
+    return (resolved, net, image_set, transform, data_cfg, mode, selected, all_layers, geometries, geometry, ctx,
+            sinks)
 
-    # the attention layer after the deepest selected one: later blocks need not run
-    deepest = selected[-1].index
-    stop_before = all_layers[deepest + 1].module if deepest + 1 < len(all_layers) else None
-    capture = AttentionCapture(selected, sink, stop_before=stop_before)
-    total = len(image_set)
-    done = 0
-    keep = max([a.images_needed() for a in selection if "model" in a.consumes] or [0])
-    kept: list[torch.Tensor] = []  # the first `keep` images, for the analyses that re-run the model
-    kept_n = 0
-    names: list[str] = []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (amp and dev.type == "cuda") else None
-    with reporter.stage("capture", total=total) as stage, capture, torch.no_grad():
-        if isinstance(image_set, TensorImages):
-            batches = image_set.batches(batch_size)
-        else:
-            batches = iter_batches(image_set, transform, batch_size, mode)
-        for batch, batch_names in batches:
-            batch = batch.to(dev, non_blocking=True)
-            if kept_n < keep:
-                kept.append(batch[: keep - kept_n].float())
-                kept_n += kept[-1].shape[0]
-            if autocast is not None:
-                with autocast:
-                    capture.forward(net, batch)
-            else:
-                capture.forward(net, batch)
-            if done == 0:
-                capture.check_all_captured(resolved.name)
-                capture.arm_early_exit()
-                example = _example_photo(batch[0], data_cfg)
-            done += batch.shape[0]
-            names.extend(batch_names)
-            stage.update(done + len(image_set.skipped), total)
 
-    ctx.reduced = {}
-    for index, pairs in sinks.items():
-        for name, r in pairs:
-            ctx.reduced.setdefault(name, {})[index] = r.result()
-    ctx.images = torch.cat(kept) if kept else None
-    ctx.image_names = names
-    meta = _meta(resolved, image_set, selected, all_layers, geometry, geometries, data_cfg, dev, autocast,
-                 capture, t0, done=done, names=names, batch_size=batch_size, seed=seed, n_bootstrap=n_bootstrap,
-                 query=query, weights=weights, call=_call_text(model, images, layers=layers, weights=weights,
-                                                               random_init=random_init, num_images=num_images,
-                                                               seed=seed))
-    ctx.result = AnalysisResult(heads=pd.DataFrame(columns=["layer", "head"]), layers=pd.DataFrame(columns=["layer"]),
-                                stats={}, geometry=geometry, meta=meta)
-    ctx.result.extras["example_image"] = example  # the report's photo under the query maps
-    skipped: dict[str, str] = {}
-    for a in selection:
-        _guard(a, a.run, ctx, skipped)
-    meta["analyses"] = [a.name for a in selection if a.name not in skipped]
-    meta["analyses_skipped"] = skipped
-    meta["runtime_s"] = time.perf_counter() - t0
-    return ctx.result
+def _combine_ranks(dist_run: Any, image_set: Any, sinks: dict, done: int, names: list[str],
+                   kept: torch.Tensor | None, keep: int, data_cfg: dict) -> tuple:
+    """After a distributed capture: all-reduce every reducer, and gather on rank 0 the image
+    count, the names and skipped files in rank order (into ``image_set.skipped``), the first
+    ``keep`` images and the example photo (the first of them).
+
+    Returns:
+        ``(images done, names, example photo, first images)``, the last three ``None`` / empty
+        on ranks other than 0.
+    """
+    from .distributed import all_reduce_reducers
+
+    all_reduce_reducers(dist_run, [r for pairs in sinks.values() for _, r in pairs])
+    total = dist_run.sum_int(done)
+    every = dist_run.all_gather_json({"names": names, "skipped": list(image_set.skipped)})
+    first = dist_run.gather_first(kept, keep)
+    if not dist_run.is_main:
+        return total, [], None, None
+    image_set.skipped[:] = [n for e in every for n in e["skipped"]]
+    all_names = [n for e in every for n in e["names"]]
+    example = _example_photo(first[0], data_cfg) if first is not None and len(first) else None
+    return total, all_names, example, first
 
 
 def _example_photo(x: torch.Tensor, data_cfg: dict) -> Any:

@@ -302,3 +302,17 @@ def test_analysis_files_are_written_and_checked(tmp_path):
                 analysis_files(pd.DataFrame(), pd.DataFrame(), {}, extras)
     finally:
         unregister_analysis("test_files_analysis")
+
+
+def test_run_order_does_not_depend_on_which_module_is_imported_first():
+    """Importing one built-in analysis module before the registry loads used to move it to the
+    end of the run order (and its columns to the end of heads.csv)."""
+    import subprocess
+    import sys
+
+    code = "import {m}; from probe.analyses.base import analyses; print(','.join(analyses()))"
+    orders = {subprocess.run([sys.executable, "-c", code.format(m=m)], capture_output=True, text=True,
+                             check=True).stdout.strip()
+              for m in ("probe.analyses.distance_modes", "probe.analyses.sinks", "probe.analyses.nmi", "probe")}
+    assert len(orders) == 1, orders
+    assert orders.pop().split(",")[:4] == ["distance_entropy", "quadratic", "convlike", "attribution"]

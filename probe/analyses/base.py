@@ -68,11 +68,27 @@ class Reducer(Protocol):
     ``update`` receives each batch of attention probabilities ``(batch, heads, queries, keys)``
     of its layer (float, rows sum to 1, on the run's device; under ``amp`` possibly bf16) and
     must not keep it; ``result`` is called once after the last batch.
+
+    Distributed runs (:mod:`probe.distributed`): each rank feeds its own reducers with its shard
+    of the images; ``state()`` then returns the accumulator as ``{name: tensor}`` (float64 or
+    int64, ``None`` before the first batch) whose key-wise **sum** over ranks is the state of
+    the whole image set, and ``load_state(summed)`` replaces the accumulator before ``result``
+    (:func:`probe.distributed.all_reduce_reducers`). Keep sums only (a count, a float64 sum, a
+    histogram), accumulated in float64 image by image, so that the merged result equals a
+    single-process run to float64 rounding. A reducer without these methods runs in single-process
+    runs only (a distributed run refuses it before any image is read). A reducer that sets
+    ``uses_image_index = True`` receives ``update(attn, image_index=...)``: the batch's global
+    image indices (int64 ``(batch,)``, increasing), e.g. to key per-image random draws
+    (:class:`~probe.analyses.reducers.LayerReducer`'s bootstrap weights).
     """
 
     def update(self, attn: Any) -> None: ...
 
     def result(self) -> Any: ...
+
+    def state(self) -> Any: ...
+
+    def load_state(self, state: Any) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -387,9 +403,12 @@ def _ensure_builtin() -> None:
 
 
 def analyses() -> dict[str, type[Analysis]]:
-    """The registered analyses, ``{name: class}``, in run order (probe's own first)."""
+    """The registered analyses, ``{name: class}``, in run order: probe's own first, in the order
+    of :data:`BUILTIN_MODULES` (whichever module happened to be imported first), then the others
+    in registration order."""
     _ensure_builtin()
-    return dict(_REGISTRY)
+    rank = {m: i for i, m in enumerate(BUILTIN_MODULES)}
+    return dict(sorted(_REGISTRY.items(), key=lambda kv: rank.get(kv[1].__module__, len(rank))))
 
 
 def get_analysis(name: str) -> type[Analysis]:

@@ -154,6 +154,19 @@ class DistanceModesReducer:
         """Images accumulated."""
         return self._moments.n_images
 
+    def state(self):
+        """The accumulated sums (:meth:`~probe.analyses.reducers.ImageMoments.state`), which
+        combine across ranks by summation; ``None`` before the first :meth:`update`."""
+        return self._moments.state()
+
+    def load_state(self, state) -> None:
+        """Replace the sums by ``state`` (e.g. summed over ranks; :meth:`result` next).
+
+        Raises:
+            ProbeError: as :meth:`~probe.analyses.reducers.ImageMoments.load_state`.
+        """
+        self._moments.load_state(state)
+
     @torch.no_grad()
     def update(self, attn: torch.Tensor) -> None:
         """Accumulate one batch of attention probabilities ``(batch, heads, T, T)``.
