@@ -47,7 +47,7 @@ import torch
 
 from ..errors import ProbeError
 from ..geometry import TokenGeometry
-from .reducers import ImageMoments
+from .reducers import ImageMoments, MomentsReducer
 
 #: The modes, in column order: ``(name, units, description)``.
 MODES: tuple[tuple[str, str, str], ...] = (
@@ -132,7 +132,7 @@ class DistanceModes:
         return pd.DataFrame(cols)
 
 
-class DistanceModesReducer:
+class DistanceModesReducer(MomentsReducer):
     """Streaming accumulator of :class:`DistanceModes` for one layer.
 
     Keeps the per-head sum and sum of squares of the per-image values (``(heads, 3)`` each):
@@ -148,24 +148,6 @@ class DistanceModesReducer:
         self.geometry = geometry
         self._moments = ImageMoments(layer, "the distance modes")
 
-
-    @property
-    def n_images(self) -> int:
-        """Images accumulated."""
-        return self._moments.n_images
-
-    def state(self):
-        """The accumulated sums (:meth:`~probe.analyses.reducers.ImageMoments.state`), which
-        combine across ranks by summation; ``None`` before the first :meth:`update`."""
-        return self._moments.state()
-
-    def load_state(self, state) -> None:
-        """Replace the sums by ``state`` (e.g. summed over ranks; :meth:`result` next).
-
-        Raises:
-            ProbeError: as :meth:`~probe.analyses.reducers.ImageMoments.load_state`.
-        """
-        self._moments.load_state(state)
 
     @torch.no_grad()
     def update(self, attn: torch.Tensor) -> None:

@@ -40,7 +40,7 @@ import torch
 
 from ..errors import ProbeError
 from ..geometry import TokenGeometry
-from .reducers import ImageMoments
+from .reducers import ImageMoments, MomentsReducer
 
 #: Park et al.'s smoothing: added to every patch-to-patch entry before renormalising.
 PARK_EPS = 1e-8
@@ -157,7 +157,7 @@ class NmiPerImage:
                              COLUMN_PER_IMAGE: self.mean, COLUMN_PER_IMAGE + "_se": self.se})
 
 
-class NmiReducer:
+class NmiReducer(MomentsReducer):
     """Streaming mean of Park et al.'s per-image NMI (:func:`nmi_per_image`) for one layer.
 
     Keeps a per-head sum and sum of squares: memory independent of the number of images.
@@ -167,24 +167,6 @@ class NmiReducer:
         self.layer, self.geometry, self.eps = layer, geometry, eps
         self._moments = ImageMoments(layer, "the NMI")
 
-
-    @property
-    def n_images(self) -> int:
-        """Images accumulated."""
-        return self._moments.n_images
-
-    def state(self):
-        """The accumulated sums (:meth:`~probe.analyses.reducers.ImageMoments.state`), which
-        combine across ranks by summation; ``None`` before the first :meth:`update`."""
-        return self._moments.state()
-
-    def load_state(self, state) -> None:
-        """Replace the sums by ``state`` (e.g. summed over ranks; :meth:`result` next).
-
-        Raises:
-            ProbeError: as :meth:`~probe.analyses.reducers.ImageMoments.load_state`.
-        """
-        self._moments.load_state(state)
 
     @torch.no_grad()
     def update(self, attn: torch.Tensor) -> None:

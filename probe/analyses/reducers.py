@@ -136,6 +136,32 @@ def merge_states(states: Sequence[dict[str, torch.Tensor] | None]) -> dict[str, 
     return out
 
 
+class MomentsReducer:
+    """Base of the reducers whose accumulator is one :class:`ImageMoments` in ``self._moments``
+    (per-image values, mean and standard error over images): the image count and the
+    distributed-run ``state`` / ``load_state`` (:class:`probe.analyses.base.Reducer`)."""
+
+    _moments: "ImageMoments"
+
+    @property
+    def n_images(self) -> int:
+        """Images accumulated."""
+        return self._moments.n_images
+
+    def state(self):
+        """The accumulated sums (:meth:`ImageMoments.state`), which
+        combine across ranks by summation; ``None`` before the first :meth:`update`."""
+        return self._moments.state()
+
+    def load_state(self, state) -> None:
+        """Replace the sums by ``state`` (e.g. summed over ranks; :meth:`result` next).
+
+        Raises:
+            ProbeError: as :meth:`ImageMoments.load_state`.
+        """
+        self._moments.load_state(state)
+
+
 class ImageMoments:
     """Streaming mean and standard error over images of a per-image value ``(images, ...)``.
 
