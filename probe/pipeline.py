@@ -93,8 +93,10 @@ def analyze(
 
     Args:
         model: ``None`` (default) for the embedded trained model of :mod:`probe.cordonnier`
-            (no download), a timm name or alias, ``package.module:factory``, an ``nn.Module`` or a
-            :class:`~probe.models.ResolvedModel`.
+            (no download), a timm name or alias, ``package.module:factory`` / ``file.py:factory``,
+            ``hf:FOLDER`` / ``hf:ORG/NAME``, ``open_clip:ARCH[:TAG]``, ``torchvision:NAME[:WEIGHTS]``,
+            any spec of a registered :class:`~probe.model_sources.ModelSource`, an ``nn.Module``
+            (a ``transformers`` model included) or a :class:`~probe.models.ResolvedModel`.
         images: folder / file / glob / list of paths or PIL images; ``None`` uses the embedded
             scikit-learn sample photos; or images already transformed to model input: a float
             tensor ``(N, C, H, W)`` (the first ``num_images`` are used) or a
