@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from ..errors import ProbeError
 
@@ -155,6 +156,11 @@ def norm_histograms(
             title += f": {100 * outlier_fraction[layer]:.1f} % outliers"
         ax.set_title(title, fontsize=8)
         ax.tick_params(labelsize=7)
+        # a zoomed log axis spans about one decade: matplotlib then labels the minor ticks too,
+        # which overlap; label the decades and a few plain numbers instead
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     axes[0].legend(fontsize=7)
     fig.supxlabel("output-token norm", fontsize=8)
     fig.supylabel("tokens", fontsize=8)
