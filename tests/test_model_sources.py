@@ -46,6 +46,8 @@ SPECS = [
     ("vit_tiny", "timm"),
     ("vit_small_patch16_224", "timm"),
     ("no_such_model_anywhere", "timm"),  # timm then refuses it with suggestions
+    ("timm:vit_tiny", "timm"),
+    ("timm.models.vision_transformer:vit_tiny_patch16_224", "factory"),
     ("hf:google/vit-base-patch16-224", "hf"),
     ("hf:./some/folder", "hf"),
     ("open_clip:ViT-B-32", "open_clip"),
@@ -90,6 +92,8 @@ def test_builtin_sources_are_listed_with_schemes():
 @pytest.mark.parametrize("spec,pattern", [
     (42, r"int '42' is not a model spec any model source recognises.*timm.*register_source"),
     ("vit_tny", r"unknown model 'vit_tny'; did you mean .*vit_tiny"),
+    ("timm:vit_tny", r"unknown model 'vit_tny'; did you mean .*vit_tiny"),
+    ("timm:", r"timm: needs a model name"),
     ("open_clip:", r"needs an architecture after 'open_clip:'"),
     ("open_clip:ViT-B-3", r"unknown OpenCLIP architecture 'ViT-B-3'; did you mean .*ViT-B-32"),
     ("torchvision:vit_b_1", r"unknown torchvision classification model 'vit_b_1'; did you mean .*vit_b_16"),
@@ -429,3 +433,12 @@ def test_a_source_needs_a_scheme_or_handles():
 
     with pytest.raises(ProbeError, match="no scheme"):
         register_source(Nothing())
+
+
+def test_timm_scheme_is_the_plain_name():
+    from probe.models import resolve_model
+
+    a, b = resolve_model("timm:vit_tiny", random_init=True), resolve_model("vit_tiny", random_init=True)
+    assert a.name == b.name == "vit_tiny_patch16_224"
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)  # same seeded init

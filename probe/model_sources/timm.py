@@ -107,9 +107,12 @@ class TimmSource(ModelSource):
     timm names (:func:`resolve_name`)."""
 
     name = "timm"
-    example = "vit_small_patch16_224, deit_tiny"
+    scheme = "timm"
+    example = "vit_small_patch16_224, deit_tiny, timm:vit_tiny"
 
     def handles(self, spec: Any) -> bool:
+        if isinstance(spec, str) and scheme_of(spec) == self.scheme:
+            return True  # the explicit form timm:NAME
         if not isinstance(spec, str) or scheme_of(spec) is not None:
             return False
         from ..cordonnier import DEFAULT_ALIASES
@@ -117,11 +120,24 @@ class TimmSource(ModelSource):
 
         return spec not in DEFAULT_ALIASES and not hf.handles(spec)
 
+    @staticmethod
+    def _plain(spec: str) -> str:
+        """``timm:NAME`` -> ``NAME``.
+
+        Raises:
+            ProbeError: for ``timm:`` with no name.
+        """
+        if spec.startswith("timm:"):
+            spec = spec[len("timm:"):]
+            if not spec:
+                raise ProbeError("--model timm: needs a model name, e.g. timm:vit_small_patch16_224")
+        return spec
+
     def display_name(self, spec: Any) -> str:
-        return resolve_name(spec)
+        return resolve_name(self._plain(spec))
 
     def architecture(self, spec: Any) -> Constructor:
-        name = resolve_name(spec)
+        name = resolve_name(self._plain(spec))
 
         def make(seed: int) -> nn.Module:
             """timm's ``create_model(name, pretrained=False)`` (random init, seeded by the caller)."""
@@ -132,4 +148,4 @@ class TimmSource(ModelSource):
         return make
 
     def pretrained(self, spec: Any, make: Constructor, seed: int) -> tuple[nn.Module, str]:
-        return from_hub(resolve_name(spec))
+        return from_hub(resolve_name(self._plain(spec)))
