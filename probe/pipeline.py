@@ -284,68 +284,15 @@ def _run(model: Any, images: Any, selection: list[Analysis], reporter: ProgressR
                                     "layers": [l.index for l in selected], "batch_size": batch_size,
                                     "n_bootstrap": n_bootstrap, "seed": seed})
 
-    def sink(index: int, attn: torch.Tensor) -> None:
-        for _, r in sinks[index]:
-            if getattr(r, "uses_image_index", False):
-                r.update(attn, image_index=batch_index)
-            else:
-                r.update(attn)
-
     keep = max([a.images_needed() for a in selection if "model" in a.consumes] or [0])
     # a distributed rank keeps at least one image: rank 0's example photo may come from a later rank
     keep_here = keep if dist_run is None else max(keep, 1)
-    kept: list[torch.Tensor] = []  # the first `keep` images, for the analyses that re-run the model
-    kept_n = done = 0
-    names: list[str] = []
-    example = capture = None
-    batch_index: list[int] = []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (amp and dev.type == "cuda") else None
-    skipped_before = len(image_set.skipped)
-    failure: Exception | None = None
-    try:  # in a distributed run every rank reaches the agreement after it, whatever fails here
-        # the attention layer after the deepest selected one: later blocks need not run
-        deepest = selected[-1].index
-        stop_before = all_layers[deepest + 1].module if deepest + 1 < len(all_layers) else None
-        capture = AttentionCapture(selected, sink, stop_before=stop_before)
-        start, stop = (0, len(image_set)) if dist_run is None else dist_run.shard(len(image_set), batch_size)
-        total = stop - start
-        with reporter.stage("capture", total=total) as stage, capture, torch.no_grad():
-            if isinstance(image_set, TensorImages):
-                batches = image_set.indexed_batches(batch_size, start, stop)
-            elif total == 0:
-                batches = iter(())
-            else:
-                workers = image_set.workers
-                if dist_run is not None and workers is None and not all(isinstance(i, tuple) for i in image_set.items):
-                    # this rank's share of the machine's CPUs (an explicit --workers still wins)
-                    workers = default_workers(total, batch_size,
-                                              cpus=max(1, cpu_count() // max(1, dist_run.local_world_size)))
-                batches = iter_indexed_batches(image_set, transform, batch_size, mode, workers=workers, start=start,
-                                               stop=stop, reserve_part=(0, 1) if dist_run is None else
-                                               (dist_run.rank, dist_run.world_size),
-                                               require_any=dist_run is None)
-            for batch, batch_names, batch_index in batches:
-                batch = batch.to(dev, non_blocking=True)
-                if kept_n < keep_here:
-                    kept.append(batch[: keep_here - kept_n].float())
-                    kept_n += kept[-1].shape[0]
-                if autocast is not None:
-                    with autocast:
-                        capture.forward(net, batch)
-                else:
-                    capture.forward(net, batch)
-                if done == 0:
-                    capture.check_all_captured(resolved.name)
-                    capture.arm_early_exit()
-                    example = _example_photo(batch[0], data_cfg)
-                done += batch.shape[0]
-                names.extend(batch_names)
-                stage.update(done + len(image_set.skipped) - skipped_before, total)
-    except Exception as e:
-        if dist_run is None:
-            raise
-        failure = e
-    images_kept = torch.cat(kept) if kept else None
+    cap = _capture_pass(net, image_set, transform, mode, selected, all_layers, sinks, reporter, keep=keep_here,
+                        batch_size=batch_size, dev=dev, amp=amp, data_cfg=data_cfg, name=resolved.name,
+                        dist_run=dist_run)
+    done, names, example, images_kept, capture, autocast = (cap.done, cap.names, cap.example, cap.images_kept,
+                                                            cap.capture, cap.autocast)
+    failure = cap.failure
     if dist_run is not None:
         dist_run.agree(failure)
         done, names, example, images_kept = _combine_ranks(dist_run, image_set, sinks, done, names, images_kept,
@@ -389,6 +336,93 @@ def _run(model: Any, images: Any, selection: list[Analysis], reporter: ProgressR
     meta["analyses_skipped"] = skipped
     meta["runtime_s"] = time.perf_counter() - t0
     return ctx.result
+
+
+@dataclasses.dataclass
+class _Captured:
+    """What one capture pass over this process's images leaves (:func:`_capture_pass`)."""
+
+    done: int
+    names: list
+    example: Any
+    images_kept: torch.Tensor | None
+    capture: Any
+    autocast: Any
+    failure: Exception | None
+
+
+def _capture_pass(net: torch.nn.Module, image_set: Any, transform: Any, mode: str, selected: list, all_layers: list,
+                  sinks: dict, reporter: ProgressReporter, *, keep: int, batch_size: int, dev: torch.device,
+                  amp: bool, data_cfg: dict, name: str, dist_run: Any) -> _Captured:
+    """The streaming pass: every batch of this process's images (its shard in a distributed run)
+    through the model with the selected layers captured; each layer's attention
+    ``(batch, heads, T, T)`` goes to its reducers (``sinks[layer]``, with the batch's global image
+    indices where a reducer asks for them), the first ``keep`` images are kept (float, on ``dev``).
+
+    Raises:
+        ProbeError, CaptureError: in a single-process run; in a distributed one the exception is
+            returned in ``failure`` so that every rank reaches the agreement after the pass.
+    """
+    def sink(index: int, attn: torch.Tensor) -> None:
+        for _, r in sinks[index]:
+            if getattr(r, "uses_image_index", False):
+                r.update(attn, image_index=batch_index)
+            else:
+                r.update(attn)
+
+    kept: list[torch.Tensor] = []  # the first `keep` images, for the analyses that re-run the model
+    kept_n = done = 0
+    names: list[str] = []
+    example = capture = None
+    batch_index: list[int] = []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (amp and dev.type == "cuda") else None
+    skipped_before = len(image_set.skipped)
+    failure: Exception | None = None
+    try:  # in a distributed run every rank reaches the agreement after it, whatever fails here
+        # the attention layer after the deepest selected one: later blocks need not run
+        deepest = selected[-1].index
+        stop_before = all_layers[deepest + 1].module if deepest + 1 < len(all_layers) else None
+        capture = AttentionCapture(selected, sink, stop_before=stop_before)
+        start, stop = (0, len(image_set)) if dist_run is None else dist_run.shard(len(image_set), batch_size)
+        total = stop - start
+        with reporter.stage("capture", total=total) as stage, capture, torch.no_grad():
+            if isinstance(image_set, TensorImages):
+                batches = image_set.indexed_batches(batch_size, start, stop)
+            elif total == 0:
+                batches = iter(())
+            else:
+                workers = image_set.workers
+                if dist_run is not None and workers is None and not all(isinstance(i, tuple) for i in image_set.items):
+                    # this rank's share of the machine's CPUs (an explicit --workers still wins)
+                    workers = default_workers(total, batch_size,
+                                              cpus=max(1, cpu_count() // max(1, dist_run.local_world_size)))
+                batches = iter_indexed_batches(image_set, transform, batch_size, mode, workers=workers, start=start,
+                                               stop=stop, reserve_part=(0, 1) if dist_run is None else
+                                               (dist_run.rank, dist_run.world_size),
+                                               require_any=dist_run is None)
+            for batch, batch_names, batch_index in batches:
+                batch = batch.to(dev, non_blocking=True)
+                if kept_n < keep:
+                    kept.append(batch[: keep - kept_n].float())
+                    kept_n += kept[-1].shape[0]
+                if autocast is not None:
+                    with autocast:
+                        capture.forward(net, batch)
+                else:
+                    capture.forward(net, batch)
+                if done == 0:
+                    capture.check_all_captured(name)
+                    capture.arm_early_exit()
+                    example = _example_photo(batch[0], data_cfg)
+                done += batch.shape[0]
+                names.extend(batch_names)
+                stage.update(done + len(image_set.skipped) - skipped_before, total)
+    except Exception as e:
+        if dist_run is None:
+            raise
+        failure = e
+    images_kept = torch.cat(kept) if kept else None
+    return _Captured(done, names, example, images_kept, capture, autocast, failure)
 
 
 def _setup(model: Any, images: Any, selection: list[Analysis], reporter: ProgressReporter, *, layers: Any,
