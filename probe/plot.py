@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from .errors import ProbeError
 
 __all__ = ["distance_vs_depth", "entropy_vs_depth", "centres", "conv_scores", "attention_maps",
-           "attribution_scatter"]
+           "attribution_scatter", "distance_modes", "nmi", "rollout", "sink_norms", "sink_positions"]
 
 
 def _result(result):
@@ -108,3 +108,91 @@ def attribution_scatter(result, x: str = "mean_distance_px") -> Figure:
     if not cols:
         raise ProbeError("this result has no head attribution; run probe.analyze(..., attribution='ig')")
     return importance_scatter(r.heads, x, cols)
+
+
+def _extra(r, name: str, what: str):
+    if name not in r.extras:
+        raise ProbeError(f"this result has no {what}; run probe.analyze(..., analyses=[{name!r}])")
+    return r.extras[name]
+
+
+def distance_modes(result) -> Figure:
+    """Mean attention distance per head in the published definitions: renormalised over patch
+    keys (probe's default, Park et al. 2023) against not renormalised (sayakpaul/probing-vits)
+    (:mod:`probe.analyses.distance_modes`).
+
+    Raises:
+        ProbeError: if the ``distance_modes`` analysis did not run.
+    """
+    from .report.plots_extra import distance_modes_figure
+
+    r = _result(result)
+    _extra(r, "distance_modes", "distance modes")
+    return distance_modes_figure(r.heads)
+
+
+def nmi(result) -> Figure:
+    """Normalised mutual information between query and key positions per head against depth
+    (Park et al. 2023, Fig. 4; :mod:`probe.analyses.nmi`).
+
+    Raises:
+        ProbeError: if the ``nmi`` analysis did not run.
+    """
+    from .report.plots_extra import nmi_by_layer
+
+    r = _result(result)
+    if "nmi" not in r.heads:
+        raise ProbeError("this result has no NMI; run probe.analyze(..., analyses=['nmi'])")
+    return nmi_by_layer(r.heads)
+
+
+def rollout(result) -> Figure:
+    """Per-image attention rollout (Abnar & Zuidema 2020) or relevance (Chefer et al. 2021) maps
+    over the photos, each scaled to its maximum (:mod:`probe.analyses.rollout`).
+
+    Raises:
+        ProbeError: if the ``rollout`` analysis did not run.
+    """
+    from pathlib import Path
+
+    from .report.plots_extra import rollout_figure
+
+    r = _result(result)
+    _extra(r, "rollout", "rollout maps")
+    info = r.extras.get("rollout_info") or {}
+    maps = info.get("result")
+    titles = [Path(str(n)).name for n in info.get("names") or []] or None
+    return rollout_figure(r.extras["rollout"], info.get("photos"), titles=titles,
+                          method=getattr(maps, "method", "rollout"))
+
+
+def sink_norms(result) -> Figure:
+    """Output-token norm histograms per layer with the outlier fraction (Darcet et al. 2024;
+    :mod:`probe.analyses.sinks`).
+
+    Raises:
+        ProbeError: if the ``sinks`` analysis did not run.
+    """
+    from .report.plots_extra import sink_norms_figure
+
+    r = _result(result)
+    return sink_norms_figure(_extra(r, "sinks", "attention-sink statistics")["stats"])
+
+
+def sink_positions(result, layer: int | None = None) -> Figure:
+    """Fraction of images in which each patch position holds a high-norm outlier token, over the
+    first photo (:mod:`probe.analyses.sinks`); default the layer with the most outliers.
+
+    Raises:
+        ProbeError: if the ``sinks`` analysis did not run, or for a layer it did not read.
+    """
+    from .report.plots_extra import outlier_positions
+
+    r = _result(result)
+    stats = _extra(r, "sinks", "attention-sink statistics")["stats"]
+    if layer is None:
+        layer = max(stats, key=lambda k: (stats[k].outlier_fraction, k))
+    if layer not in stats:
+        raise ProbeError(f"the sinks analysis read layers {sorted(stats)}, not layer {layer}")
+    return outlier_positions(stats[layer].position_frequency, r.extras.get("example_image"),
+                             title=f"layer {layer}: outlier frequency per position")

@@ -547,14 +547,12 @@ class SinksAnalysis(Analysis):
     @classmethod
     def section(cls, report: ReportInput):
         from ..report.plots import to_data_uri
-        from ..report.plots_extra import norm_histograms, outlier_positions
+        from ..report.plots_extra import outlier_positions, sink_norms_figure
 
         stats: dict[int, SinkStats] = (report.value or {}).get("stats") or {}
         if not stats:
             return None
-        hist = norm_histograms(next(iter(stats.values())).edges, {k: s.patch_hist for k, s in stats.items()},
-                               {k: s.prefix_hist for k, s in stats.items() if s.geometry.num_prefix_tokens},
-                               {k: s.outlier_fraction for k, s in stats.items()})
+        hist = sink_norms_figure(stats)
         worst = max(stats, key=lambda k: (stats[k].outlier_fraction, k))
         photo = report.extras.get("example_image")
         pos = outlier_positions(stats[worst].position_frequency, photo,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -165,6 +166,16 @@ def norm_histograms(
     fig.supxlabel("output-token norm", fontsize=8)
     fig.supylabel("tokens", fontsize=8)
     return fig
+
+
+def sink_norms_figure(stats: Mapping[int, Any]) -> Figure:
+    """:func:`norm_histograms` of the sinks analysis's per-layer statistics
+    (``{layer: probe.analyses.sinks.SinkStats}``): patch and prefix histograms, outlier fractions."""
+    if not stats:
+        raise ProbeError("no layer to draw norm histograms for")
+    return norm_histograms(next(iter(stats.values())).edges, {k: s.patch_hist for k, s in stats.items()},
+                           {k: s.prefix_hist for k, s in stats.items() if s.geometry.num_prefix_tokens},
+                           {k: s.outlier_fraction for k, s in stats.items()})
 
 
 def outlier_positions(
