@@ -8,7 +8,9 @@ Importing this package (done by :mod:`probe`) registers every family's capture r
 * :mod:`.hf` — Hugging Face ``transformers`` ViT/DeiT/DINOv2(-reg), CLIP/SigLIP vision, BEiT,
   ViT-MAE (imports ``transformers`` only inside
   its functions, so importing it is cheap and safe when that optional extra is not installed);
-* :mod:`.hf_swin` — Hugging Face Swin v1 / v2: window attention mapped back to image positions;
+* :mod:`.hf_data2vec` — Hugging Face Data2Vec-Vision (BEiT in the older attention layout);
+* :mod:`.hf_swin` — Hugging Face Swin v1 / v2 and Donut's Swin encoder: window attention mapped
+  back to image positions;
 * :mod:`.timm_extra` — ConViT's gated positional attention (no class token in the local layers),
   Swin's window attention mapped back to image positions, CaiT's talking heads, a refusal for
   XCiT's channel attention;
@@ -23,6 +25,6 @@ Importing this package (done by :mod:`probe`) registers every family's capture r
 How to add a rule for a new attention module: :mod:`probe.capture` and ``docs/capture.md``.
 """
 
-from . import cordonnier, functional, gating, hf, hf_swin, timm_extra, torch_nn, windows  # noqa: F401
+from . import cordonnier, functional, gating, hf, hf_data2vec, hf_swin, timm_extra, torch_nn, windows  # noqa: F401
 
-__all__ = ["cordonnier", "functional", "gating", "hf", "hf_swin", "timm_extra", "torch_nn", "windows"]
+__all__ = ["cordonnier", "functional", "gating", "hf", "hf_data2vec", "hf_swin", "timm_extra", "torch_nn", "windows"]

@@ -1,7 +1,8 @@
 """Hugging Face ``transformers`` vision transformers: ViT, DeiT (distilled), DINOv2, DINOv2 with
-registers, CLIP and SigLIP vision towers, BEiT (relative position bias), the ViT-MAE encoder
-(unmasked: ``mask_ratio = 0``, identity shuffle); Swin v1 / v2 through the window rule of
-:mod:`.hf_swin` (a subclass of :class:`HFEagerAttentionRule`).
+registers, DINOv3 ViT, CLIP, SigLIP, AIMv2, MetaCLIP 2 and MLCD vision towers, BEiT (relative
+position bias), the ViT-MAE encoder (unmasked: ``mask_ratio = 0``, identity shuffle), ViT-MSN,
+I-JEPA, DPT's ViT backbone; Data2Vec-Vision through :mod:`.hf_data2vec`, Swin v1 / v2 and Donut
+Swin through the window rule of :mod:`.hf_swin` (subclasses of :class:`HFEagerAttentionRule`).
 
 Optional extra ``probe[hf]``. This module imports ``transformers`` only inside its functions, so
 importing it (which registers :class:`HFEagerAttentionRule`) costs nothing and never fails when
@@ -32,6 +33,14 @@ Token layout (prefix tokens first, then the patch grid in row-major order):
   (class, then the registers).
 * CLIP (Radford et al. 2021): 1 (the 1-D ``class_embedding``); SigLIP (Zhai et al. 2023): 0, its
   attention-pooling head is not a layer; BEiT (Bao et al. 2022): 1; ViT-MAE (He et al. 2022): 1.
+* ViT-MSN (Assran et al. 2022, arXiv 2204.07141): 1; I-JEPA (Assran et al. 2023, arXiv
+  2301.08243): 0; DINOv3 (Siméoni et al. 2025, arXiv 2508.10104): 1 + ``num_register_tokens``,
+  rotary positions; AIMv2 (Fini et al. 2024, arXiv 2411.14402) vision: 0; MetaCLIP 2 and MLCD
+  vision towers: 1 (CLIP-style ``class_embedding``); DPT (Ranftl et al. 2021, arXiv 2103.13413):
+  its ViT backbone, 1; Data2Vec-Vision (Baevski et al. 2022): 1, rule in :mod:`.hf_data2vec`.
+
+Families that are not token self-attention over one patch grid are refused before any weights
+load, naming what they do (:data:`REFUSED_FAMILIES`).
 
 The input transform comes from the folder's ``preprocessor_config.json`` when there is one (see
 :func:`data_config_from_processor`), else from the model config's ``image_size`` with the family's
@@ -66,12 +75,94 @@ SUPPORTED_FAMILIES: dict[str, str] = {
     "vit_mae": "ViT-MAE encoder (unmasked)",
     "swin": "Swin (windows mapped to image positions, rule in .hf_swin)",
     "swinv2": "Swin v2 (windows mapped to image positions, rule in .hf_swin)",
+    "vit_msn": "ViT-MSN",
+    "ijepa": "I-JEPA (no class token)",
+    "dinov3_vit": "DINOv3 ViT (rotary positions; class + registers)",
+    "aimv2": "AIMv2 vision tower (no class token)",
+    "metaclip_2": "MetaCLIP 2 vision tower",
+    "mlcd": "MLCD vision tower (rotary positions)",
+    "dpt": "DPT (its ViT backbone; the dense-prediction neck is not attention)",
+    "data2vec-vision": "Data2Vec-Vision (BEiT layout, rule in .hf_data2vec)",
+    "donut-swin": "Donut Swin encoder (windows mapped to image positions, rule in .hf_swin)",
+}
+
+#: ``transformers`` modeling packages (``transformers.models.<package>``) whose ``*Attention``
+#: modules :class:`HFEagerAttentionRule` reads; most are named like the ``model_type``, the
+#: vision towers of multi-modal models are not (``clip_vision_model`` lives in ``clip``).
+SUPPORTED_PACKAGES: frozenset[str] = frozenset(SUPPORTED_FAMILIES) - {"data2vec-vision", "donut-swin"}
+
+#: ``config.model_type`` of ``transformers`` vision families probe refuses -> what the family does
+#: that probe's token-grid analysis cannot represent, and what to analyse instead. Checked on the
+#: config before any weights are loaded (:func:`refusal`).
+REFUSED_FAMILIES: dict[str, str] = {
+    "yolos": (
+        "YOLOS appends its detection tokens AFTER the patch tokens, while probe's token geometry is "
+        "prefix tokens first, then the patch grid, so patch positions would be misread; analyse a "
+        "ViT / DeiT classifier instead"
+    ),
+    "levit": (
+        "LeViT's attention adds a learned per-head attention bias over a convolutional grid, and its "
+        "'Subsample' attention blocks take queries from a strided grid (queries and keys on different "
+        "grids); analyse a ViT / DeiT instead"
+    ),
+    "pvt": (
+        "PVT uses spatial-reduction attention: keys and values come from a grid pooled by "
+        "sequence_reduction_ratio, so an attention row is over a coarser key grid than its queries "
+        "(not token-by-token self-attention)"
+    ),
+    "pvt_v2": (
+        "PVT v2 uses spatial-reduction attention: keys and values come from a grid reduced by sr_ratio "
+        "(strided convolution or pooling), so queries and keys are on different grids"
+    ),
+    "segformer": (
+        "SegFormer's efficient self-attention reduces the key / value grid by sr_ratio, so queries "
+        "and keys are on different grids (not token-by-token self-attention)"
+    ),
+    "mobilevit": (
+        "MobileViT unfolds the feature map into patches and attends among pixels at the same offset "
+        "of different patches, not among image tokens of one grid"
+    ),
+    "mobilevitv2": (
+        "MobileViT v2 uses separable linear self-attention (one context score per token), which has "
+        "no token-by-token attention matrix"
+    ),
+    "hiera": (
+        "Hiera reorders tokens into mask units, attends within mask units and pools queries between "
+        "stages (queries and keys on different grids), so attention rows are not image positions of one grid"
+    ),
+    "cvt": (
+        "CvT projects keys and values with strided convolutions (stride_kv), so queries and keys are "
+        "on different grids, and adds a class token only in its last stage"
+    ),
+    "vitdet": (
+        "ViTDet's attention (fused qkv, decomposed relative position bias, padded window blocks) has "
+        "no capture rule; analyse the ViT / ViT-MAE backbone it was initialised from instead"
+    ),
+    "siglip2": (
+        "SigLIP 2 (NaFlex) takes pre-patchified variable-resolution input (pixel_values (batch, "
+        "patches, 3 * patch^2) with spatial_shapes and pixel_attention_mask), not (batch, 3, H, W) "
+        "images; analyse a SigLIP (v1) vision tower instead"
+    ),
+    "swiftformer": (
+        "SwiftFormer's efficient additive attention pools the queries into one global vector, so it "
+        "has no token-by-token attention matrix"
+    ),
+    "focalnet": "FocalNet mixes tokens by focal modulation (convolutions and gating), not attention",
+    "poolformer": "PoolFormer mixes tokens by pooling, not attention",
+    "imagegpt": (
+        "ImageGPT attends causally over a sequence of colour-cluster pixel tokens, not over image "
+        "patches with a bidirectional attention"
+    ),
+    "dinat": "DiNAT's neighbourhood attention (natten) attends within a sliding k x k window; no capture rule",
+    "nat": "NAT's neighbourhood attention (natten) attends within a sliding k x k window; no capture rule",
 }
 
 #: ``(mean, std, interpolation)`` per family, used only when a model has no
 #: ``preprocessor_config.json``: ViT's 0.5 normalisation and bilinear resizing (google/vit
 #: checkpoints); ImageNet mean/std and bicubic resizing for DeiT and DINOv2 (their reference
-#: training pipelines; Swin too). ``--mean``/``--std`` override them.
+#: training pipelines; Swin too); CLIP's mean/std for the CLIP-style towers (AIMv2, MetaCLIP 2,
+#: MLCD); the image processors of the published checkpoints for the others. A model's own
+#: ``preprocessor_config.json`` always wins; ``--mean``/``--std`` override them.
 FAMILY_NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...], str]] = {
     "vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear"),
     "deit": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic"),
@@ -83,7 +174,28 @@ FAMILY_NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...], str]
     "vit_mae": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic"),
     "swin": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic"),
     "swinv2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic"),
+    "vit_msn": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear"),
+    "ijepa": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic"),
+    "dinov3_vit": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear"),
+    "aimv2": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711), "bicubic"),
+    "metaclip_2": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711), "bicubic"),
+    "mlcd": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711), "bicubic"),
+    "dpt": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic"),
+    "data2vec-vision": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic"),
+    "donut-swin": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear"),
 }
+
+
+def family_of(model_type: str) -> str:
+    """The family key of a ``config.model_type``: the vision tower of a multi-modal model is named
+    ``<family>_vision_model`` (``clip_vision_model``, ``aimv2_vision_model``) — that suffix is
+    dropped; every other model type is its own family."""
+    return model_type[: -len("_vision_model")] if model_type.endswith("_vision_model") else model_type
+
+
+def refusal(model_type: str) -> str | None:
+    """Why probe refuses a ``transformers`` ``model_type`` (:data:`REFUSED_FAMILIES`), or ``None``."""
+    return REFUSED_FAMILIES.get(family_of(model_type))
 
 #: PIL resampling codes (``PIL.Image.Resampling``) -> timm interpolation names.
 _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
@@ -97,11 +209,13 @@ _HF_INSTALL_HINT = "install the Hugging Face extra: pip install 'probe[hf]'"
 
 
 class HFEagerAttentionRule(CaptureRule):
-    """Self-attention modules of ``transformers`` ViT, DeiT, DINOv2 and DINOv2 with registers.
+    """Self-attention modules of the ``transformers`` families in :data:`SUPPORTED_PACKAGES`.
 
-    Matches the modules named ``*Attention`` in those families' modeling files that project
-    queries and keys with ``q_proj`` / ``k_proj`` (``ViTAttention``, ``DeiTAttention``,
-    ``Dinov2Attention``, ``Dinov2WithRegistersAttention``). Their forward returns
+    Matches the modules named ``*Attention`` in those families' modeling files that have a
+    ``config`` and project queries and keys with ``q_proj`` / ``k_proj`` (``ViTAttention``,
+    ``DeiTAttention``, ``Dinov2Attention``, ``DINOv3ViTAttention``, ``Aimv2Attention``, ...) or
+    ``query`` / ``key`` (``DPTSelfAttention``). Rotary position embeddings (DINOv3, MLCD) act on
+    q and k before the softmax, so the returned probabilities include them. Their forward returns
     ``(output, attention_probabilities)``, the probabilities ``softmax(q k^T / sqrt(d_head))`` of
     shape ``(batch, heads, tokens, tokens)`` — but only under eager attention: SDPA and flash
     attention return ``None``. While installed, the rule sets the module's
@@ -122,11 +236,12 @@ class HFEagerAttentionRule(CaptureRule):
             len(parts) >= 3
             and parts[0] == "transformers"
             and parts[1] == "models"
-            and parts[2] in SUPPORTED_FAMILIES
+            and parts[2] in SUPPORTED_PACKAGES
             and cls.__name__.endswith("Attention")
             and hasattr(module, "config")
-            and isinstance(getattr(module, "q_proj", None), nn.Linear)
-            and isinstance(getattr(module, "k_proj", None), nn.Linear)
+            and any(isinstance(getattr(module, q, None), nn.Linear)
+                    and isinstance(getattr(module, k, None), nn.Linear)
+                    for q, k in (("q_proj", "k_proj"), ("query", "key")))  # DPT: query / key
         )
 
     def install(self, module: nn.Module, emit: Emit) -> Restore:
@@ -340,22 +455,30 @@ def _processor_dict(source: str, local_only: bool, revision: dict | None = None)
 # geometry and data config
 
 
+#: names of the patch-embedding child of a ``transformers`` embeddings module (AIMv2: ``patch_embed``).
+_PATCH_EMBEDS = ("patch_embedding", "patch_embeddings", "patch_embed")
+
+
 def prefix_token_count(model: nn.Module) -> int | None:
     """Number of prefix tokens a ``transformers`` ViT-like model puts before its patch tokens.
 
     Counted from the model's own embedding parameters: ``cls_token`` ``(1, 1, D)``,
     ``distillation_token`` ``(1, 1, D)`` (DeiT) and ``register_tokens`` ``(1, R, D)`` (DINOv2 with
-    registers); the mask token is not a prefix token.
+    registers, DINOv3), or CLIP's 1-D ``class_embedding`` ``(D,)`` (CLIP, MetaCLIP 2, MLCD); the
+    mask token is not a prefix token. An embeddings module with a patch embedding and none of these
+    has 0 (SigLIP, I-JEPA, AIMv2). All of these families put the prefix tokens first.
 
     Returns:
-        The count (ViT 1, DeiT 2, DINOv2 1, DINOv2 with registers 1 + R), or ``None`` when the
-        model has no such embeddings.
+        The count (ViT 1, DeiT 2, DINOv2 1, DINOv2 with registers / DINOv3 1 + R), or ``None``
+        when the model has no such embeddings.
     """
     base = getattr(model, "base_model", model)
     emb = getattr(base, "embeddings", None)
+    if emb is None:  # DINOv3ViTModel: base_model is its encoder, the embeddings are beside it
+        emb = getattr(model, "embeddings", None)
     if emb is None:  # e.g. CLIP / SigLIP classifiers: the tower is base.vision_model
         emb = next((m for n, m in base.named_modules() if n.endswith("embeddings")
-                    and (hasattr(m, "patch_embedding") or hasattr(m, "patch_embeddings"))), None)
+                    and any(hasattr(m, a) for a in _PATCH_EMBEDS)), None)
     if emb is None:
         return None
     count, found = 0, False
@@ -368,8 +491,8 @@ def prefix_token_count(model: nn.Module) -> int | None:
     if isinstance(t, torch.Tensor) and t.dim() == 1:
         count += 1
         found = True
-    if not found and (hasattr(emb, "patch_embedding") or hasattr(emb, "patch_embeddings")):
-        return 0  # patch tokens only (SigLIP)
+    if not found and any(hasattr(emb, a) for a in _PATCH_EMBEDS):
+        return 0  # patch tokens only (SigLIP, I-JEPA, AIMv2)
     return count if found else None
 
 
@@ -416,7 +539,7 @@ def data_config_from_processor(config: Any, processor: dict[str, Any] | None) ->
         non-square ``size`` with a crop is scaled by the height ratio in both directions; a
         ``rescale_factor`` other than 1/255 is not represented.
     """
-    family = getattr(config, "model_type", "")
+    family = family_of(getattr(config, "model_type", ""))
     config = _vision_config(config)
     channels = int(getattr(config, "num_channels", 3) or 3)
     mean, std, interp = FAMILY_NORMALIZATION.get(family, ((0.5,) * 3, (0.5,) * 3, "bicubic"))

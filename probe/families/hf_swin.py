@@ -19,7 +19,7 @@ Where the probabilities come from, per layout of the installed ``transformers``:
   weights only under eager attention. As :class:`~.hf.HFEagerAttentionRule`, the rule sets
   ``config._attn_implementation = "eager"`` while installed (the config is shared by every layer of
   a model) and restores the previous value afterwards, so a model built with SDPA is captured.
-* Swin v2, and Swin v1 of older releases (``attention.self`` with ``query`` / ``key`` / ``value``
+* Swin v2, Donut's Swin encoder, and Swin v1 of older releases (``attention.self`` with ``query`` / ``key`` / ``value``
   and ``attention.output.dense``): always eager; the probabilities are read at the output of
   ``attention.self.dropout`` (identity in eval mode), whether or not ``output_attentions`` is set.
 
@@ -53,7 +53,8 @@ from .hf import HFEagerAttentionRule
 from .windows import check_windows_tile, emit_windows
 
 #: ``transformers`` modeling modules whose ``*Layer`` blocks this rule captures.
-SWIN_MODULES = ("transformers.models.swin.modeling_swin", "transformers.models.swinv2.modeling_swinv2")
+SWIN_MODULES = ("transformers.models.swin.modeling_swin", "transformers.models.swinv2.modeling_swinv2",
+                "transformers.models.donut.modeling_donut_swin")  # Donut's encoder: Swin v1, older layout
 
 
 def _pair(v: Any) -> tuple[int, int]:

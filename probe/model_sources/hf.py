@@ -33,6 +33,7 @@ from ..families.hf import (
     _short,
     handles,
     prepare,
+    refusal,
 )
 from . import checkpoint
 from .base import ModelSource, ResolvedModel
@@ -79,7 +80,9 @@ def resolve_hf(
         eager attention and prepared by :func:`prepare`.
 
     Raises:
-        ProbeError: ``transformers`` not installed; a missing folder / ``config.json`` / weights
+        ProbeError: ``transformers`` not installed; a refused family
+            (:data:`~probe.families.hf.REFUSED_FAMILIES`, checked before any weights load); a
+            missing folder / ``config.json`` / weights
             file; a model id while the hub is unreachable and the id is not cached (naming the
             local-folder option); weights that do not cover the model's backbone; a model type
             none of whose attention modules probe can capture.
@@ -94,6 +97,7 @@ def resolve_hf(
     processor: dict[str, Any] | None = None
     if isinstance(model, nn.Module):
         net, name = model, type(model).__name__
+        _refuse(name, getattr(net.config, "model_type", ""))
         source = "as given (in-memory module)"
         if weights is not None:
             checkpoint.apply_state_dict(net, checkpoint.load_state_dict(weights), name, str(weights))
@@ -109,6 +113,7 @@ def resolve_hf(
         common = {"revision": revision or None} if revision else {}
         with _quiet_transformers():
             config = _load_config(repo, folder, local_only, common, checkpoint.HUB_HOST)
+            _refuse(name, getattr(config, "model_type", ""))
             cls = _model_class(config)
             if weights is not None or random_init:
                 net = _from_config(cls, config, seed)
@@ -148,6 +153,20 @@ def resolve_hf(
         pretrained_cfg=dict(net.pretrained_cfg),
         rebuild=rebuild,
     )
+
+
+def _refuse(name: str, model_type: str) -> None:
+    """Raise the :data:`~probe.families.hf.REFUSED_FAMILIES` reason for ``model_type``, if any.
+
+    Raises:
+        ProbeError: ``model_type`` is a family probe cannot analyse (named, with why and what to do).
+    """
+    why = refusal(str(model_type))
+    if why is not None:
+        raise ProbeError(
+            f"{name}: transformers model type {model_type!r} is not supported: {why} "
+            f"(supported: {', '.join(SUPPORTED_FAMILIES)})"
+        )
 
 
 def _load_config(repo: str, folder: Path | None, local_only: bool, common: dict, host: str) -> Any:
@@ -206,8 +225,14 @@ def _from_pretrained(cls: Any, repo: str, folder: Path | None, local_only: bool,
     except Exception as e:  # corrupt or pickled-code checkpoints, mismatched shapes
         raise ProbeError(f"cannot load the weights of {repo!r} ({_short(e)}); re-save the model with "
                          "save_pretrained (safetensors)") from None
-    base_prefix = "" if net.base_model is net else f"{net.base_model_prefix}."
-    missing = sorted(k for k in info.get("missing_keys", ()) if k.startswith(base_prefix))
+    # a bare ``...Model`` is all backbone, even where its ``base_model`` is a submodule
+    # (DINOv3ViTModel: ``model``, the encoder, beside the embeddings)
+    headless = net.base_model is net or "For" not in type(net).__name__
+    base_prefix = "" if headless else f"{net.base_model_prefix}."
+    # the pooler (dense + tanh on the class token, after the last block) is a head, not backbone:
+    # a model saved with add_pooling_layer=False loads into a class that builds one
+    missing = sorted(k for k in info.get("missing_keys", ())
+                     if k.startswith(base_prefix) and not k.startswith(f"{base_prefix}pooler."))
     mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
     if missing or mismatched:
         bad = missing + mismatched
