@@ -363,10 +363,19 @@ def _capture_pass(net: torch.nn.Module, image_set: Any, transform: Any, mode: st
         ProbeError, CaptureError: in a single-process run; in a distributed one the exception is
             returned in ``failure`` so that every rank reaches the agreement after the pass.
     """
+    # a rule may deliver one batch in pieces of a few images (Swin's dense maps are emitted a few
+    # images at a time, probe.families.windows.emit_windows): each piece gets the next indices
+    pieces: dict[int, tuple[list[int], int]] = {}
+
     def sink(index: int, attn: torch.Tensor) -> None:
+        owner, start = pieces.get(index, (None, 0))
+        if owner is not batch_index:  # the first piece of a new batch
+            start = 0
+        piece_index = batch_index[start:start + attn.shape[0]] if attn.shape[0] < len(batch_index) else batch_index
+        pieces[index] = (batch_index, start + attn.shape[0])
         for _, r in sinks[index]:
             if getattr(r, "uses_image_index", False):
-                r.update(attn, image_index=batch_index)
+                r.update(attn, image_index=piece_index)
             else:
                 r.update(attn)
 

@@ -14,6 +14,9 @@ Importing this package (done by :mod:`probe`) registers every family's capture r
 * :mod:`.timm_extra` — ConViT's gated positional attention (no class token in the local layers),
   Swin's window attention mapped back to image positions, CaiT's talking heads, a refusal for
   XCiT's channel attention;
+* :mod:`.timm_zoo` — SAM ViT (global and window attention), CSATv2, and named refusals for timm
+  families probe cannot analyse (Hiera, MViTv2, EfficientViT, MobileViTv2, CoaT, VOLO outlookers,
+  EdgeNeXt / DaViT channel attention, DaViT windows);
 * :mod:`.torch_nn` — ``nn.MultiheadAttention`` (``nn.TransformerEncoderLayer``, torchvision ViT,
   user modules) with per-head weights and the fused fast path switched off;
 * :mod:`.windows` — Swin window attention -> image positions, shared by the timm and Hugging Face
@@ -25,6 +28,6 @@ Importing this package (done by :mod:`probe`) registers every family's capture r
 How to add a rule for a new attention module: :mod:`probe.capture` and ``docs/capture.md``.
 """
 
-from . import cordonnier, functional, gating, hf, hf_data2vec, hf_swin, timm_extra, torch_nn, windows  # noqa: F401
+from . import cordonnier, functional, gating, hf, hf_data2vec, hf_swin, timm_extra, timm_zoo, torch_nn, windows  # noqa: F401
 
-__all__ = ["cordonnier", "functional", "gating", "hf", "hf_data2vec", "hf_swin", "timm_extra", "torch_nn", "windows"]
+__all__ = ["cordonnier", "functional", "gating", "hf", "hf_data2vec", "hf_swin", "timm_extra", "timm_zoo", "torch_nn", "windows"]
