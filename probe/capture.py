@@ -636,6 +636,7 @@ def infer_geometries(
     grid: tuple[int, int] | None = None,
     patch_size: float | tuple[float, float] | None = None,
     model_name: str | None = None,
+    context: list[AttentionLayer] | None = None,
 ) -> dict[int, "TokenGeometry"]:
     """The token geometry of each layer for inputs of shape ``input_shape`` ``(C, H, W)``.
 
@@ -652,6 +653,12 @@ def infer_geometries(
     unless ``patch_size`` is given, so a hybrid's CNN stem sets them through its feature-map size,
     not the patch embedding's ``patch_size``.
 
+    Strided stages: where a layer's inferred grid is coarser than that of the layer before it (in
+    module order, among ``context`` — all the model's attention layers — when their shapes can be
+    read, else among ``layers``) and does not divide it, the stage was made by a stride-``s``
+    subsample with padding (LeViT's 7x7 -> 4x4: ``ceil(7 / 2) = 4``); its tokens are then ``s``
+    times the earlier spacing apart (64 px), not ``H / rows`` (56 px). :func:`strided_spacing`.
+
     Returns:
         ``{layer index: TokenGeometry}``.
 
@@ -662,10 +669,19 @@ def infer_geometries(
     """
     name = model_name or type(model).__name__
     _, height, width = input_shape
-    shapes = dry_run(model, layers, input_shape, name)
+    wanted = {l.index for l in layers}
+    chain = layers
+    if context is not None and grid is None and patch_size is None and {l.index for l in context} > wanted:
+        try:  # every layer's shape, for the stage chain; a layer that is not selected may be unreadable
+            shapes = dry_run(model, context, input_shape, name)
+            chain = sorted(context, key=lambda l: l.index)
+        except (ProbeError, CaptureError):
+            shapes = dry_run(model, layers, input_shape, name)
+    else:
+        shapes = dry_run(model, layers, input_shape, name)
     model_prefix = getattr(model, "num_prefix_tokens", None)
     out = {}
-    for layer in layers:
+    for layer in chain:
         tokens = shapes[layer.index].keys
         hint = layer.rule.num_prefix_tokens(layer.module)
         if hint is not None:
@@ -679,6 +695,8 @@ def infer_geometries(
             candidates, tried = list(range(17)), "any prefix count 0-16"
         exact = grid is None and patch_size is None
         geom = _geometry_for(tokens, candidates, height, width, grid, patch_size, exact=exact)
+        if geom is None and layer.index not in wanted:
+            continue  # a context layer only: it just does not chain
         loose = _geometry_for(tokens, candidates, height, width, grid, patch_size) if geom is None and exact else None
         if loose is not None:
             (r, c), (py, px) = loose.grid, loose.pixels_per_token
@@ -696,8 +714,36 @@ def infer_geometries(
                 f"cannot split into a patch grid of the {height}x{width} input; set --prefix-tokens and "
                 "--grid RxC (and --patch-size) to match the model"
             )
+        if grid is None and patch_size is None and out:
+            geom = strided_spacing(out[max(out)], geom)
         out[layer.index] = geom
-    return out
+    return {i: g for i, g in out.items() if i in wanted}
+
+
+def strided_spacing(before: "TokenGeometry", geom: "TokenGeometry") -> "TokenGeometry":
+    """``geom`` with the pixel spacing of a strided stage that follows ``before`` (see
+    :func:`infer_geometries`): along each axis where the grid shrinks from ``n1`` to ``n2`` cells
+    and ``n1`` is not a multiple of ``n2``, with an integer stride ``s = round(n1 / n2) >= 2`` and
+    ``ceil(n1 / s) = n2``, the spacing is ``s`` times ``before``'s; along an axis where the grid
+    is the same, ``before``'s spacing (the same stage); otherwise ``geom``'s own (exact divisions,
+    which ``H / rows`` already gets right, and grids that are not a strided subsample)."""
+    from dataclasses import replace
+
+    spacing = list(geom.pixels_per_token)
+    changed = False
+    for axis in (0, 1):
+        n1, n2 = before.grid[axis], geom.grid[axis]
+        if n2 == n1 and spacing[axis] != before.pixels_per_token[axis]:
+            spacing[axis] = before.pixels_per_token[axis]  # the same stage: the same spacing
+            changed = True
+            continue
+        if n2 >= n1 or n1 % n2 == 0:
+            continue
+        stride = round(n1 / n2)
+        if stride >= 2 and -(-n1 // stride) == n2:
+            spacing[axis] = before.pixels_per_token[axis] * stride
+            changed = True
+    return replace(geom, pixels_per_token=(spacing[0], spacing[1])) if changed else geom
 
 
 def infer_geometry(

@@ -475,7 +475,8 @@ def _setup(model: Any, images: Any, selection: list[Analysis], reporter: Progres
     if _geometries is not None and all(l.index in _geometries for l in selected):
         geometries = _geometries  # a random-init copy of an analysed model: same token layout
     else:
-        geometries = infer_geometries(net, selected, input_shape, prefix_tokens, grid, patch_size, resolved.name)
+        geometries = infer_geometries(net, selected, input_shape, prefix_tokens, grid, patch_size, resolved.name,
+                                      context=all_layers)
     geometry = geometries[selected[0].index]
     if query is not None:
         _check_query(query, geometry)

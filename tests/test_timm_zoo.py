@@ -294,3 +294,35 @@ def test_head_gate_equals_zeroed_value_head(family):
             restore()
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(plain, want, atol=1e-4)  # the head matters
+
+
+def test_strided_stage_spacing_by_hand():
+    """A stride-2 subsample of a 7x7 grid has 4x4 tokens 2 cells apart (64 px after 32 px), not
+    H / 4 = 56 px; exact divisions and equal grids keep H / rows."""
+    from probe.capture import strided_spacing
+    from probe.geometry import TokenGeometry
+
+    g7, g4 = TokenGeometry(0, (7, 7), (32.0, 32.0)), TokenGeometry(0, (4, 4), (56.0, 56.0))
+    assert strided_spacing(g7, g4).pixels_per_token == (64.0, 64.0)
+    assert strided_spacing(TokenGeometry(0, (4, 4), (64.0, 64.0)), g4).pixels_per_token == (64.0, 64.0)
+    g14, g7b = TokenGeometry(0, (14, 14), (16.0, 16.0)), TokenGeometry(0, (7, 7), (32.0, 32.0))
+    assert strided_spacing(g14, g7b) == g7b  # exact division: unchanged
+    g9, g3 = TokenGeometry(1, (9, 12), (10.0, 10.0)), TokenGeometry(1, (3, 5), (30.0, 24.0))
+    got = strided_spacing(g9, g3)  # rows: exact (9 -> 3); cols: ceil(12 / 2) = 6 != 5, ceil(12 / 3) = 4 != 5
+    assert got.pixels_per_token == (30.0, 24.0)
+
+
+def test_levit_last_stage_spacing_whatever_the_layers_selected():
+    """LeViT at 224 px: stages 14x14 (16 px), 7x7 (32 px), 4x4 = ceil(7 / 2) (64 px), also when only
+    the last stage is analysed (the chain is read over every attention layer)."""
+    import probe
+
+    net = timm.create_model("levit_128s", pretrained=False).eval()
+    x = torch.rand(1, 3, 224, 224)
+    r = probe.analyze(net, x, layers="-2,-1", progress=False, fits=False, conv_test=False, n_bootstrap=0,
+                      attribution="none")
+    assert {s.geometry.grid for s in r.stats.values()} == {(4, 4)}
+    assert {s.geometry.pixels_per_token for s in r.stats.values()} == {(64.0, 64.0)}
+    full = probe.analyze(net, x, progress=False, fits=False, conv_test=False, n_bootstrap=0, attribution="none")
+    spacing = {s.geometry.grid: s.geometry.pixels_per_token for s in full.stats.values()}
+    assert spacing == {(14, 14): (16.0, 16.0), (7, 7): (32.0, 32.0), (4, 4): (64.0, 64.0)}
