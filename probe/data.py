@@ -577,6 +577,24 @@ def iter_indexed_batches(
         )
 
 
+def built_input_size(model: torch.nn.Module) -> tuple[int, int] | None:
+    """The ``(H, W)`` a timm model was built for when it differs from what its ``pretrained_cfg``
+    says: ``timm.create_model(name, img_size=96)`` keeps the config's 224 px, but its fixed-size
+    patch embedding (``patch_embed.img_size``, ``strict_img_size``) only takes 96 px. ``None`` for
+    models without such an embedding or with a dynamic input size (``dynamic_img_size``)."""
+    pe = getattr(model, "patch_embed", None)
+    size = getattr(pe, "img_size", None)
+    if pe is None or getattr(model, "dynamic_img_size", False) or getattr(pe, "dynamic_img_pad", False):
+        return None
+    if not getattr(pe, "strict_img_size", True):
+        return None
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = (size, size)
+    if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+        return None
+    return int(size[0]), int(size[1])
+
+
 def eval_transform(model: torch.nn.Module, overrides: dict[str, Any] | None = None) -> tuple[Callable, dict]:
     """The model's own eval transform (timm data config), with optional overrides.
 
@@ -593,6 +611,10 @@ def eval_transform(model: torch.nn.Module, overrides: dict[str, Any] | None = No
     args = dict(overrides or {})
     cfg = resolve_data_config(args, model=model)
     cfg.update({k: v for k, v in args.items() if v is not None})
+    if args.get("input_size") is None:
+        built = built_input_size(model)
+        if built is not None and tuple(cfg["input_size"][1:]) != built:
+            cfg["input_size"] = (int(cfg["input_size"][0]), *built)
     channels = int(cfg["input_size"][0])
     for key in ("mean", "std"):  # a 1-channel (grayscale) model needs 1-value mean/std
         vals = tuple(float(v) for v in cfg[key])

@@ -326,3 +326,20 @@ def test_levit_last_stage_spacing_whatever_the_layers_selected():
     full = probe.analyze(net, x, progress=False, fits=False, conv_test=False, n_bootstrap=0, attribution="none")
     spacing = {s.geometry.grid: s.geometry.pixels_per_token for s in full.stats.values()}
     assert spacing == {(14, 14): (16.0, 16.0), (7, 7): (32.0, 32.0), (4, 4): (64.0, 64.0)}
+
+
+def test_a_timm_model_built_at_another_size_is_read_at_that_size():
+    """timm.create_model(name, img_size=96) keeps pretrained_cfg's 224 px; its patch embedding
+    only takes 96 px, so the eval transform follows the embedding (a dynamic-size model keeps 224)."""
+    import probe
+    from probe.data import eval_transform
+
+    net = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=96).eval()
+    assert net.pretrained_cfg["input_size"] == (3, 224, 224)
+    assert eval_transform(net)[1]["input_size"] == (3, 96, 96)
+    assert eval_transform(net, {"input_size": (3, 64, 64)})[1]["input_size"] == (3, 64, 64)  # an override wins
+    dyn = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=96, dynamic_img_size=True)
+    assert eval_transform(dyn)[1]["input_size"] == (3, 224, 224)
+    r = probe.analyze(net, None, num_images=2, layers="0", progress=False, fits=False, conv_test=False,
+                      n_bootstrap=0, attribution="none")
+    assert r.geometry.grid == (6, 6) and r.geometry.pixels_per_token == (16.0, 16.0)
