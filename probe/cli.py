@@ -155,7 +155,7 @@ def analyze(
     attribution: str = typer.Option("none", "--attribution", help="head attribution with captum (opt-in: it costs about 2x the rest of a run): ig, ablation, both or none", rich_help_panel="Attribution"),
     attribution_images: int = typer.Option(16, "--attribution-images", help="the first N analysed images are used for the attribution", rich_help_panel="Attribution"),
     query: Optional[str] = typer.Option(None, "--query", help="query patch ROW,COL whose mean attention map the report shows (default: the central patch)", rich_help_panel="Output"),
-    analysis: Optional[list[str]] = typer.Option(None, "--analysis", metavar="NAME", help="also run this registered analysis (repeatable; docs/analyses.md)", rich_help_panel="Analyses"),
+    analysis: Optional[list[str]] = typer.Option(None, "--analysis", metavar="NAME", help="also run this registered analysis: distance_modes, nmi, rollout, sinks, or one of your own (repeatable; docs/analyses.md)", rich_help_panel="Analyses"),
     set_option: Optional[list[str]] = typer.Option(None, "--set", metavar="ANALYSIS.OPTION=VALUE", help="an analysis option, ANALYSIS.OPTION=VALUE (repeatable), e.g. quadratic.anisotropic=true", rich_help_panel="Analyses"),
     distributed: Optional[bool] = typer.Option(None, "--distributed/--no-distributed", help="shard the images across the ranks of a torchrun launch (torchrun --nproc-per-node N -m probe analyze ...; gloo on cpu, nccl with --device cuda, one GPU per rank); rank 0 writes the report. Default: on when started by torchrun with WORLD_SIZE > 1", rich_help_panel="Images"),
 ) -> None:

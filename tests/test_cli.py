@@ -207,3 +207,17 @@ def test_chosen_query_map_and_bad_query(tmp_path):
               "--attribution", "none", "--out", tmp_path / "b")
     assert "inside the 14x14 patch grid" in _error_line(bad)
     assert not (tmp_path / "b" / "report.html").exists()
+
+
+def test_analysis_help_names_every_builtin_opt_in_analysis():
+    """The --analysis help lists probe's registered opt-in analyses (kept in step with the registry)."""
+    from typer.testing import CliRunner
+
+    from probe.analyses.base import analyses
+    from probe.cli import app
+
+    out = CliRunner().invoke(app, ["analyze", "--help"], env={"COLUMNS": "400"}).output
+    line = next(l for l in out.splitlines() if "--analysis" in l)
+    # probe's own, beyond those of probe.steps (which have flags of their own)
+    opt_in = [n for n, cls in analyses().items() if cls.__module__.startswith("probe.analyses.")]
+    assert opt_in and all(n in line for n in opt_in), (opt_in, line)
