@@ -703,9 +703,10 @@ def infer_geometries(
             raise ProbeError(
                 f"{name}: layer {layer.index} ({layer.name}) has {tokens} tokens; a {r}x{c} patch grid "
                 f"after {loose.num_prefix_tokens} prefix tokens would put them {py:.4g}x{px:.4g} px apart, "
-                f"which does not tile the {height}x{width} input (overlapping or cropped patches, e.g. "
-                "Tensor.unfold with a stride below the patch size); set --patch-size to the stride in "
-                "pixels (and --grid RxC, --prefix-tokens) to match the model"
+                f"which does not tile the {height}x{width} input (overlapping, cropped or padded patches: "
+                "Tensor.unfold with a stride below the patch size, or an input size the model pads to a "
+                "multiple of its patch size); set --patch-size to the stride in pixels (and --grid RxC, "
+                "--prefix-tokens) to match the model, or an --input-size the patches tile"
             )
         if geom is None:
             grid_txt = f" with grid {grid[0]}x{grid[1]} (--grid)" if grid is not None else ""
