@@ -19,6 +19,8 @@ Importing this package (done by :mod:`probe`) registers every family's capture r
   EdgeNeXt / DaViT channel attention, DaViT windows);
 * :mod:`.torch_nn` — ``nn.MultiheadAttention`` (``nn.TransformerEncoderLayer``, torchvision ViT,
   user modules) with per-head weights and the fused fast path switched off;
+* :mod:`.torchvision_swin` — torchvision Swin v1 / v2 (``ShiftedWindowAttention(V2)``): window
+  attention mapped back to image positions;
 * :mod:`.windows` — Swin window attention -> image positions, shared by the timm and Hugging Face
   Swin rules (no rule of its own);
 * :mod:`.functional` — the fallback for user modules without a recognised attention module: calls
@@ -28,6 +30,6 @@ Importing this package (done by :mod:`probe`) registers every family's capture r
 How to add a rule for a new attention module: :mod:`probe.capture` and ``docs/capture.md``.
 """
 
-from . import cordonnier, functional, gating, hf, hf_data2vec, hf_swin, timm_extra, timm_zoo, torch_nn, windows  # noqa: F401
+from . import cordonnier, functional, gating, hf, hf_data2vec, hf_swin, timm_extra, timm_zoo, torch_nn, torchvision_swin, windows  # noqa: F401
 
-__all__ = ["cordonnier", "functional", "gating", "hf", "hf_data2vec", "hf_swin", "timm_extra", "timm_zoo", "torch_nn", "windows"]
+__all__ = ["cordonnier", "functional", "gating", "hf", "hf_data2vec", "hf_swin", "timm_extra", "timm_zoo", "torch_nn", "torchvision_swin", "windows"]
