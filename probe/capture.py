@@ -175,6 +175,19 @@ class TimmAttentionRule(CaptureRule):
 _RULES: list[CaptureRule] = [TimmAttentionRule()]
 
 
+def removing(handles: list, *then: Restore) -> Restore:
+    """The restore of a rule that installed hooks: remove ``handles`` (``torch.utils.hooks``
+    handles), then call each of ``then`` (e.g. an :func:`override_attribute` restore) in order."""
+
+    def restore() -> None:
+        for handle in handles:
+            handle.remove()
+        for undo in then:
+            undo()
+
+    return restore
+
+
 def register_rule(rule: CaptureRule, first: bool = True) -> None:
     """Add a capture rule; by default it is tried before the existing ones (the built-in families
     are registered first, so a user's rule is tried before them)."""

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..capture import Emit, Restore, register_rule
+from ..capture import Emit, Restore, register_rule, removing
 from ..errors import CaptureError
 from .hf import HFEagerAttentionRule
 from .windows import check_windows_tile, emit_windows
@@ -171,12 +171,7 @@ class HFSwinWindowRule(HFEagerAttentionRule):
             handles.append(attention.self.dropout.register_forward_hook(lambda m, i, out: on_probs(out)))
             restore_eager = lambda: None  # noqa: E731 - this layout has no implementation switch
 
-        def restore() -> None:
-            for handle in handles:
-                handle.remove()
-            restore_eager()
-
-        return restore
+        return removing(handles, restore_eager)
 
     def can_gate(self, module: nn.Module) -> bool:
         return _layout(module.attention) is not None

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..capture import CaptureRule, Emit, Restore, TimmAttentionRule, override_attribute, register_rule
+from ..capture import CaptureRule, Emit, Restore, TimmAttentionRule, override_attribute, register_rule, removing
 from ..errors import CaptureError
 from .windows import DENSE_CHUNK_BYTES, emit_windows, window_positions, windows_to_dense  # noqa: F401
 
@@ -152,12 +152,7 @@ class SwinWindowRule(CaptureRule):
 
         handles = [module.register_forward_pre_hook(pre_hook), attn_mod.attn_drop.register_forward_hook(on_attn)]
 
-        def restore() -> None:
-            for handle in handles:
-                handle.remove()
-            restore_fused()
-
-        return restore
+        return removing(handles, restore_fused)
 
     def num_heads(self, module: nn.Module) -> int | None:
         return int(module.attn.num_heads)

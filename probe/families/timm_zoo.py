@@ -50,7 +50,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..capture import CaptureRule, Emit, Restore, TimmAttentionRule, override_attribute, register_rule
+from ..capture import CaptureRule, Emit, Restore, TimmAttentionRule, override_attribute, register_rule, removing
 from ..errors import CaptureError
 from .timm_extra import SwinWindowRule
 from .windows import emit_windows
@@ -184,12 +184,7 @@ class SamVitBlockRule(CaptureRule):
 
         handles = [module.register_forward_pre_hook(pre_hook), attn_mod.attn_drop.register_forward_hook(on_attn)]
 
-        def restore() -> None:
-            for handle in handles:
-                handle.remove()
-            fused()
-
-        return restore
+        return removing(handles, fused)
 
     def can_gate(self, module: nn.Module) -> bool:
         return isinstance(getattr(module.attn, "proj", None), nn.Linear)
@@ -256,12 +251,7 @@ class TwinsLocalWindowRule(CaptureRule):
         handles = [module.register_forward_pre_hook(pre_hook, with_kwargs=True),
                    module.attn_drop.register_forward_hook(on_attn)]
 
-        def restore() -> None:
-            for handle in handles:
-                handle.remove()
-            fused()
-
-        return restore
+        return removing(handles, fused)
 
     def can_gate(self, module: nn.Module) -> bool:
         return isinstance(getattr(module, "proj", None), nn.Linear)
