@@ -17,6 +17,7 @@ import family_models as fm
 from probe.attribution import HeadGates, attribute_heads, gateable_modules, unsupported_reason
 from probe.capture import find_attention_layers
 from probe.data import eval_transform
+from planted_heads import assert_all_importance_on, zero_heads_except
 
 #: factory -> how the family is gated (for the report)
 FAMILIES = [
@@ -72,10 +73,7 @@ def plant(model: nn.Module, keep: tuple[int, int], shape) -> None:
             assert lin is not None, layer.name
             h = layer.rule.num_heads(layer.module) if layer.rule.name != "timm-cait-talking-heads" \
                 else layer.module.num_heads
-            width = lin.weight.shape[1] // h
-            for head in range(h):
-                if (layer.index, head) != keep:
-                    lin.weight[:, head * width:(head + 1) * width] = 0.0
+            zero_heads_except(lin, h, layer.index, keep)
 
 
 @pytest.fixture(autouse=True)
@@ -127,12 +125,7 @@ def test_planted_head_gets_all_importance(factory):
     x = batch(model, 2)
     att = attribute_heads(model, x, methods=("ig", "ablation"), layers={l.index: l.name for l in layers},
                           n_steps=8)
-    df = att.heads.set_index(["layer", "head"])
-    for col in ("importance_ig", "importance_ablation"):
-        planted = abs(float(df.loc[keep, col]))
-        others = df.drop(index=keep)[col].abs().max()
-        assert planted > 1e-4, (factory, col, planted)
-        assert others < 1e-6 * max(1.0, planted), (factory, col, others)
+    assert_all_importance_on(att, keep, factory, relative=True)
 
 
 def test_gate_zero_equals_zeroing_the_heads_projection_columns_mha():

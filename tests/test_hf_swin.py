@@ -27,6 +27,7 @@ from probe.errors import CaptureError  # noqa: E402
 from probe.models import resolve_model  # noqa: E402
 
 from test_hf_families import set_attn  # noqa: E402
+from planted_heads import assert_all_importance_on, zero_heads_except  # noqa: E402
 
 TINY = dict(image_size=32, patch_size=2, num_channels=3, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
             window_size=4, num_labels=5)
@@ -196,19 +197,10 @@ def test_attribution_gates(version):
         assert torch.equal(net(x).logits, ref)  # removed
     # planted: only head 1 of the last layer reaches the logits
     keep = (layers[-1].index, 1)
-    with torch.no_grad():
-        for l in layers:
-            proj = _out_proj(l)
-            heads = net.config.num_heads[l.index // 2]
-            d = proj.weight.shape[1] // heads
-            for h in range(heads):
-                if (l.index, h) != keep:
-                    proj.weight[:, h * d:(h + 1) * d] = 0.0
+    for l in layers:
+        zero_heads_except(_out_proj(l), net.config.num_heads[l.index // 2], l.index, keep)
     att = attribute_heads(net, x, methods=("ig", "ablation"), layers=names, n_steps=8)
-    df = att.heads.set_index(["layer", "head"])
-    for col in ("importance_ig", "importance_ablation"):
-        assert abs(float(df.loc[keep, col])) > 1e-4, (version, col)
-        assert df.drop(index=keep)[col].abs().max() < 1e-6, (version, col)
+    assert_all_importance_on(att, keep, version)
 
 
 def test_analyze_end_to_end_on_a_tensor():

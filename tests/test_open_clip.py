@@ -25,6 +25,7 @@ from probe.attribution import HeadGates, attribute_heads  # noqa: E402
 from probe.capture import AttentionCapture, find_attention_layers, infer_geometries  # noqa: E402
 from probe.errors import ProbeError  # noqa: E402
 from probe.models import resolve_model  # noqa: E402
+from planted_heads import assert_all_importance_on  # noqa: E402
 
 ARCH = "probe-test-tiny-vit"
 SPEC = f"open_clip:{ARCH}"
@@ -157,12 +158,7 @@ def test_planted_head_gets_all_the_importance():
     layers = find_attention_layers(net, (3, 32, 32))
     att = attribute_heads(net, images(2), methods=("ig", "ablation"), layers={l.index: l.name for l in layers},
                           n_steps=8)
-    df = att.heads.set_index(["layer", "head"])
-    for col in ("importance_ig", "importance_ablation"):
-        planted = abs(float(df.loc[keep, col]))
-        others = df.drop(index=keep)[col].abs().max()
-        assert planted > 1e-4, (col, planted)
-        assert others < 1e-6 * max(1.0, planted), (col, others)
+    assert_all_importance_on(att, keep, "open_clip", relative=True)
 
 
 def test_weights_from_whole_model_or_tower_state_dicts(tmp_path):

@@ -28,6 +28,7 @@ import probe  # noqa: E402
 from probe.attribution import HeadGates, attribute_heads  # noqa: E402
 from probe.capture import AttentionCapture, find_attention_layers, infer_geometries  # noqa: E402
 from probe.errors import CaptureError  # noqa: E402
+from planted_heads import assert_all_importance_on, zero_heads_except  # noqa: E402
 
 M = 4
 HEADS = [2, 4]
@@ -218,19 +219,10 @@ def test_attribution_gates(version):
     assert all("forward" not in vars(m) for m in net.modules())
     # planted: only head 1 of the last layer reaches the logits (weight surgery on proj's columns)
     keep = (layers[-1].index, 1)
-    with torch.no_grad():
-        for l in layers:
-            proj = l.module.proj
-            heads = HEADS[l.index // 2]
-            d = proj.weight.shape[1] // heads
-            for h in range(heads):
-                if (l.index, h) != keep:
-                    proj.weight[:, h * d:(h + 1) * d] = 0.0
+    for l in layers:
+        zero_heads_except(l.module.proj, HEADS[l.index // 2], l.index, keep)
     att = attribute_heads(net, x, methods=("ig", "ablation"), layers=names, n_steps=8)
-    df = att.heads.set_index(["layer", "head"])
-    for col in ("importance_ig", "importance_ablation"):
-        assert abs(float(df.loc[keep, col])) > 1e-4, (version, col)
-        assert df.drop(index=keep)[col].abs().max() < 1e-6, (version, col)
+    assert_all_importance_on(att, keep, version)
 
 
 def test_capture_and_gate_installed_together_restore_in_any_order():
