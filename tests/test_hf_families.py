@@ -85,11 +85,32 @@ def images(n=2):
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_capture_equals_hf_eager_attentions_and_geometry(family):
-    net = resolve_model(build(family)).model
+def check_against(got, want, layers, prefix, tag):
+    """Captured ``got[layer]`` equal HF's eager ``want[layer]`` (2 images, 4 heads, ``prefix`` + 16
+    tokens) to 1e-5, rows sum to 1, and the attention is not uniform (the oracle can fail)."""
+    assert len(want) == len(layers) == 2
+    tokens = prefix + 16
+    for l in layers:
+        a, w = got[l.index], want[l.index]
+        assert a.shape == w.shape == (2, 4, tokens, tokens), (tag, l.name)
+        err = (a - w).abs().max()
+        assert err < 1e-5, (tag, l.name, float(err))
+        torch.testing.assert_close(a.sum(-1), torch.ones(a.shape[:-1]), atol=1e-5, rtol=0)
+    assert (want[0][0] - want[0][0].mean(-1, keepdim=True)).abs().max() > 1e-3  # not uniform
+
+
+def check_geometry(net, layers, prefix):
+    """``prefix`` prefix tokens counted from the embeddings, a 4x4 grid of 8 px on 32 px inputs."""
+    assert net.num_prefix_tokens == prefix  # counted from the embeddings, not searched for
+    geoms = infer_geometries(net, layers, (3, 32, 32))
+    assert {(g.num_prefix_tokens, g.grid, g.pixels_per_token) for g in geoms.values()} == {
+        (prefix, (4, 4), (8.0, 8.0))}
+
+
+def check_capture_equals_eager(net, x, prefix, tag):
+    """The oracle of the HF families: a model built with SDPA, captured (eager forced on every
+    layer while installed, SDPA restored after), against its own eager ``output_attentions``."""
     set_attn(net, "sdpa")
-    x = images()
     layers = find_attention_layers(net, (3, 32, 32))
     assert [l.rule.name for l in layers] == ["hf-eager-attention"] * 2
     got: dict[int, torch.Tensor] = {}
@@ -100,16 +121,13 @@ def test_capture_equals_hf_eager_attentions_and_geometry(family):
     set_attn(net, "eager")
     with torch.no_grad():
         want = net(x, output_attentions=True).attentions
-    assert len(want) == len(layers)
-    tokens = FAMILIES[family][1] + 16
-    for l in layers:
-        assert got[l.index].shape == want[l.index].shape == (2, 4, tokens, tokens)
-        err = (got[l.index] - want[l.index]).abs().max()
-        assert err < 1e-5, (family, l.name, float(err))
-    assert (want[0][0] - want[0][0].mean(-1, keepdim=True)).abs().max() > 1e-3  # not uniform
-    geoms = infer_geometries(net, layers, (3, 32, 32))
-    assert {(g.num_prefix_tokens, g.grid, g.pixels_per_token) for g in geoms.values()} == {
-        (FAMILIES[family][1], (4, 4), (8.0, 8.0))}
+    check_against(got, want, layers, prefix, tag)
+    check_geometry(net, layers, prefix)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_capture_equals_hf_eager_attentions_and_geometry(family):
+    check_capture_equals_eager(resolve_model(build(family)).model, images(), FAMILIES[family][1], family)
 
 
 def test_beit_relative_bias_is_in_the_probabilities():

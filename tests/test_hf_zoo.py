@@ -25,7 +25,7 @@ from probe.errors import ProbeError  # noqa: E402
 from probe.families.hf import REFUSED_FAMILIES, data_config_from_processor  # noqa: E402
 from probe.models import resolve_model  # noqa: E402
 
-from test_hf_families import set_attn  # noqa: E402
+from test_hf_families import check_against, check_capture_equals_eager, check_geometry  # noqa: E402
 
 V = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
          intermediate_size=64)
@@ -111,39 +111,9 @@ def capture(net, layers, x):
     return got
 
 
-def check_against(got, want, layers, prefix, tag):
-    assert len(want) == len(layers) == 2
-    tokens = prefix + 16
-    for l in layers:
-        a, w = got[l.index], want[l.index]
-        assert a.shape == w.shape == (2, 4, tokens, tokens), (tag, l.name)
-        err = (a - w).abs().max()
-        assert err < 1e-5, (tag, l.name, float(err))
-        torch.testing.assert_close(a.sum(-1), torch.ones(a.shape[:-1]), atol=1e-5, rtol=0)
-    assert (want[0][0] - want[0][0].mean(-1, keepdim=True)).abs().max() > 1e-3  # not uniform
-
-
-def check_geometry(net, layers, prefix):
-    assert net.num_prefix_tokens == prefix  # counted from the embeddings, not searched for
-    geoms = infer_geometries(net, layers, (3, 32, 32))
-    assert {(g.num_prefix_tokens, g.grid, g.pixels_per_token) for g in geoms.values()} == {
-        (prefix, (4, 4), (8.0, 8.0))}
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_capture_equals_hf_eager_attentions_and_geometry(family):
-    net = resolve_model(build(family)).model
-    set_attn(net, "sdpa")
-    x = images()
-    layers = find_attention_layers(net, (3, 32, 32))
-    assert [l.rule.name for l in layers] == ["hf-eager-attention"] * 2
-    got = capture(net, layers, x)
-    assert all(l.module.config._attn_implementation == "sdpa" for l in layers)  # restored
-    set_attn(net, "eager")
-    with torch.no_grad():
-        want = net(x, output_attentions=True).attentions
-    check_against(got, want, layers, FAMILIES[family][1], family)
-    check_geometry(net, layers, FAMILIES[family][1])
+    check_capture_equals_eager(resolve_model(build(family)).model, images(), FAMILIES[family][1], family)
 
 
 @pytest.mark.parametrize("family", ["vit_msn", "ijepa"])
