@@ -358,10 +358,11 @@ def eva_clip() -> nn.Module:
     return _timm("vit_base_patch16_clip_224", (3, 64, 64), img_size=64, embed_dim=24, depth=2, num_heads=2)
 
 
-def capture_with_inputs(model: nn.Module, x: torch.Tensor, keyword_args: bool = False):
+def capture_with_inputs(model: nn.Module, x: torch.Tensor, keyword_args: bool = False, input_of=None):
     """One forward pass over ``x`` with probe's capture: ``(layers, {layer: attention (N, H, T, T)},
     {layer: the layer module's first input})`` — with ``keyword_args``, ``(first positional
-    input, keyword arguments)`` instead — for the tests' explicit-math oracles."""
+    input, keyword arguments)`` instead; ``input_of(layer module)`` names another module whose
+    input to keep (e.g. a block's ``attn``) — for the tests' explicit-math oracles."""
     from probe.capture import AttentionCapture, find_attention_layers
 
     layers = find_attention_layers(model, tuple(x.shape[1:]))
@@ -376,7 +377,8 @@ def capture_with_inputs(model: nn.Module, x: torch.Tensor, keyword_args: bool = 
                 inputs.setdefault(index, (list(args) + list(kwargs.values()))[0].detach().clone())
         return hook
 
-    hooks = [l.module.register_forward_pre_hook(keep(l.index), with_kwargs=True) for l in layers]
+    hooks = [(input_of or (lambda m: m))(l.module).register_forward_pre_hook(keep(l.index), with_kwargs=True)
+             for l in layers]
     try:
         with AttentionCapture(layers, lambda i, a: got[i].append(a.clone())), torch.no_grad():
             model(x)

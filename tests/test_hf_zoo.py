@@ -111,6 +111,18 @@ def capture(net, layers, x):
     return got
 
 
+def check_gates(net, layers, x, ref):
+    """Head gates at 1 leave the logits ``ref`` bit-identical; zeroing the 4 heads of the last
+    layer changes them (call under ``torch.no_grad()``)."""
+    with HeadGates(net, {l.index: l.name for l in layers}) as gates:
+        gates.set(torch.ones(gates.num_features))
+        assert torch.equal(net(x).logits, ref)
+        g = torch.ones(gates.num_features)
+        g[-4:] = 0.0
+        gates.set(g)
+        assert (net(x).logits - ref).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_capture_equals_hf_eager_attentions_and_geometry(family):
     check_capture_equals_eager(resolve_model(build(family)).model, images(), FAMILIES[family][1], family)
@@ -123,14 +135,7 @@ def test_head_gates_on_classifiers(family):
     layers = find_attention_layers(net)
     x = images()
     with torch.no_grad():
-        ref = net(x).logits
-        with HeadGates(net, {l.index: l.name for l in layers}) as gates:
-            gates.set(torch.ones(gates.num_features))
-            assert torch.equal(net(x).logits, ref)
-            g = torch.ones(gates.num_features)
-            g[-4:] = 0.0
-            gates.set(g)
-            assert (net(x).logits - ref).abs().max() > 1e-4
+        check_gates(net, layers, x, net(x).logits)
 
 
 def _data2vec(impl: str, shared: bool):
@@ -171,14 +176,8 @@ def test_data2vec_vision_sdpa_model_equals_eager_copy(shared):
     check_geometry(net, layers, 1)
     torch.testing.assert_close(ref, out.logits, atol=1e-5, rtol=0)
     # head gates on output.dense: all ones change nothing; zeroing every head of the last layer does
-    names = {l.index: l.name for l in layers}
-    with torch.no_grad(), HeadGates(net, names) as gates:
-        gates.set(torch.ones(gates.num_features))
-        assert torch.equal(net(x).logits, ref)
-        g = torch.ones(gates.num_features)
-        g[-4:] = 0.0
-        gates.set(g)
-        assert (net(x).logits - ref).abs().max() > 1e-4
+    with torch.no_grad():
+        check_gates(net, layers, x, ref)
 
 
 def test_data2vec_vision_relative_bias_is_in_the_probabilities():

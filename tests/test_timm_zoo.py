@@ -18,6 +18,8 @@ import probe
 from probe.capture import AttentionCapture, find_attention_layers, infer_geometries
 from probe.errors import CaptureError, ProbeError
 
+from family_models import capture_with_inputs
+
 TOL = 1e-5
 
 QUIET = dict(progress=False, conv_test=False, fits=False, n_bootstrap=0, attribution="none")
@@ -88,21 +90,11 @@ def _sam_oracle(attn: torch.nn.Module, x: torch.Tensor, window: int, grid: tuple
 def test_samvit_matches_explicit_math(window, global_blocks):
     model = _tiny_sam(window, global_blocks)
     x = torch.rand(2, 3, 64, 64)
-    layers = find_attention_layers(model, (3, 64, 64))
+    layers, got, inputs = capture_with_inputs(model, x, input_of=lambda block: block.attn)
     assert [l.name for l in layers] == ["blocks.0", "blocks.1"]
     assert all(l.rule.name == "timm-samvit" for l in layers)
-    got: dict[int, torch.Tensor] = {}
-    inputs: dict[int, torch.Tensor] = {}
-    hooks = [l.module.attn.register_forward_pre_hook(lambda m, a, i=l.index: inputs.__setitem__(i, a[0].detach()))
-             for l in layers]
-    try:
-        with AttentionCapture(layers, lambda i, a: got.setdefault(i, []).append(a)), torch.no_grad():
-            model(x)
-    finally:
-        for hk in hooks:
-            hk.remove()
     for layer in layers:
-        attn = torch.cat(got[layer.index])
+        attn = got[layer.index]
         assert attn.shape == (2, 2, 64, 64)
         torch.testing.assert_close(attn.sum(-1), torch.ones(2, 2, 64), atol=TOL, rtol=0)
         win = int(layer.module.window_size)
