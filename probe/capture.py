@@ -374,16 +374,23 @@ class AttentionCapture:
             Only tensors that the model itself goes on to use (timm attention, Hugging Face eager
             attention, the functional fallback) receive a gradient; derived copies (Swin's dense
             window maps, ``nn.MultiheadAttention``'s reshaped weights) do not.
+        image_offsets: call ``sink(layer_index, attn, start)`` instead, ``start`` being the position
+            within the current call of the layer's module of ``attn``'s first image. A rule may
+            deliver one batch in pieces of a few images (Swin's dense window maps,
+            :func:`probe.families.windows.emit_windows`): the pieces of one call arrive in image
+            order with ``start = 0, n1, n1 + n2, ...``; the next call of the module starts at 0.
 
     On exit every hook is removed and every module restored, also after an exception.
     :attr:`counts` records how many tensors each layer delivered.
     """
 
-    def __init__(self, layers: list[AttentionLayer], sink: Callable[[int, torch.Tensor], None],
-                 stop_before: nn.Module | None = None, keep_graph: bool = False):
+    def __init__(self, layers: list[AttentionLayer], sink: Callable[..., None],
+                 stop_before: nn.Module | None = None, keep_graph: bool = False, image_offsets: bool = False):
         self.layers = layers
         self.keep_graph = keep_graph
         self.sink = sink
+        self.image_offsets = image_offsets
+        self._start = {layer.index: 0 for layer in layers}  # next piece's first image, per layer
         self.counts = {layer.index: 0 for layer in layers}
         self._restores: list[Restore] = []
         self.stop_before = stop_before
@@ -395,9 +402,20 @@ class AttentionCapture:
         def emit(attn: torch.Tensor) -> None:
             self.counts[index] += 1
             self._emits += 1
-            self.sink(index, attn if self.keep_graph else attn.detach())
+            out = attn if self.keep_graph else attn.detach()
+            if self.image_offsets:
+                start, self._start[index] = self._start[index], self._start[index] + int(attn.shape[0])
+                self.sink(index, out, start)
+            else:
+                self.sink(index, out)
 
         return emit
+
+    def _restart(self, index: int) -> Callable:
+        def hook(module: nn.Module, args) -> None:
+            self._start[index] = 0  # a new call of the layer's module: its first piece starts at image 0
+
+        return hook
 
     def _stop_hook(self, module: nn.Module, args) -> None:
         if self.armed:
@@ -408,6 +426,8 @@ class AttentionCapture:
     def __enter__(self) -> "AttentionCapture":
         try:
             for layer in self.layers:
+                if self.image_offsets:
+                    self._restores.append(layer.module.register_forward_pre_hook(self._restart(layer.index)).remove)
                 self._restores.append(layer.rule.install(layer.module, self._emitter(layer.index)))
             if self.stop_before is not None:
                 self._restores.append(self.stop_before.register_forward_pre_hook(self._stop_hook).remove)

@@ -363,19 +363,11 @@ def _capture_pass(net: torch.nn.Module, image_set: Any, transform: Any, mode: st
         ProbeError, CaptureError: in a single-process run; in a distributed one the exception is
             returned in ``failure`` so that every rank reaches the agreement after the pass.
     """
-    # a rule may deliver one batch in pieces of a few images (Swin's dense maps are emitted a few
-    # images at a time, probe.families.windows.emit_windows): each piece gets the next indices
-    pieces: dict[int, tuple[list[int], int]] = {}
-
-    def sink(index: int, attn: torch.Tensor) -> None:
-        owner, start = pieces.get(index, (None, 0))
-        if owner is not batch_index:  # the first piece of a new batch
-            start = 0
-        piece_index = batch_index[start:start + attn.shape[0]] if attn.shape[0] < len(batch_index) else batch_index
-        pieces[index] = (batch_index, start + attn.shape[0])
+    def sink(index: int, attn: torch.Tensor, start: int) -> None:
+        # a rule may deliver a batch in pieces (Swin's dense maps): each piece gets its images' indices
         for _, r in sinks[index]:
             if getattr(r, "uses_image_index", False):
-                r.update(attn, image_index=piece_index)
+                r.update(attn, image_index=batch_index[start:start + attn.shape[0]])
             else:
                 r.update(attn)
 
@@ -391,7 +383,7 @@ def _capture_pass(net: torch.nn.Module, image_set: Any, transform: Any, mode: st
         # the attention layer after the deepest selected one: later blocks need not run
         deepest = selected[-1].index
         stop_before = all_layers[deepest + 1].module if deepest + 1 < len(all_layers) else None
-        capture = AttentionCapture(selected, sink, stop_before=stop_before)
+        capture = AttentionCapture(selected, sink, stop_before=stop_before, image_offsets=True)
         start, stop = (0, len(image_set)) if dist_run is None else dist_run.shard(len(image_set), batch_size)
         total = stop - start
         with reporter.stage("capture", total=total) as stage, capture, torch.no_grad():

@@ -335,3 +335,21 @@ def test_a_timm_model_built_at_another_size_is_read_at_that_size():
     r = probe.analyze(net, None, num_images=2, layers="0", progress=False, fits=False, conv_test=False,
                       n_bootstrap=0, attribution="none")
     assert r.geometry.grid == (6, 6) and r.geometry.pixels_per_token == (16.0, 16.0)
+
+
+def test_capture_image_offsets_of_pieces(monkeypatch):
+    """AttentionCapture(image_offsets=True): the pieces of one batch arrive with the start of their
+    first image (0, 1, 2 for one image per piece), and each forward pass starts again at 0."""
+    import probe.families.windows as windows
+
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=112, depths=(1, 1, 1, 1),
+                              embed_dim=24, num_heads=(1, 2, 2, 4)).eval()
+    layers = find_attention_layers(model, (3, 112, 112))
+    x = torch.rand(3, 3, 112, 112)
+    seen: dict[int, list[tuple[int, int]]] = {}
+    monkeypatch.setattr(windows, "DENSE_CHUNK_BYTES", 1)  # one image per piece
+    with AttentionCapture(layers, lambda i, a, start: seen.setdefault(i, []).append((start, a.shape[0])),
+                          image_offsets=True), torch.no_grad():
+        model(x)
+        model(x[:2])
+    assert seen == {l.index: [(0, 1), (1, 1), (2, 1), (0, 1), (1, 1)] for l in layers}
