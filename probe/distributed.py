@@ -313,8 +313,9 @@ def all_reduce_reducers(dist_run: Distributed, reducers: Sequence[Any]) -> None:
     specs = [None if st is None else {k: [_dtype_name(st[k]), list(getattr(st[k], "shape", ()))] for k in sorted(st)}
              for st in states]
     every = dist_run.all_gather_json(specs)
-    for i, r in enumerate(reducers):  # the same checks on every rank, from the same gathered specs
-        known = [s[i] for s in every if s[i] is not None]
+    # per reducer, the specs of the ranks that fed it: the same on every rank (gathered)
+    knowns = [[s[i] for s in every if s[i] is not None] for i in range(len(reducers))]
+    for r, known in zip(reducers, knowns):  # every check before any collective
         if not known:
             continue
         if any(s != known[0] for s in known):
@@ -324,11 +325,9 @@ def all_reduce_reducers(dist_run: Distributed, reducers: Sequence[Any]) -> None:
         if bad:
             raise ProbeError(f"reducer {type(r).__name__}: state tensors must be float64 or int64 (sums merge exactly "
                              f"only in float64), got {bad}")
-    for i, r in enumerate(reducers):
-        known = [s[i] for s in every if s[i] is not None]
+    for r, known, mine in zip(reducers, knowns, states):
         if not known:
             continue
-        mine = states[i]
         out = {}
         for k, (dtype, shape) in known[0].items():
             if mine is None:
