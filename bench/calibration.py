@@ -1,4 +1,4 @@
-"""The conv test's verdicts under the first ("lattice") and the revised ("taps") calibration.
+"""The conv test's verdicts (the grid test of issue 21) on the models of the README's verdict table.
 
 Models: the shipped attention-only model (Cordonnier et al. 2020 setting) on the embedded default
 views; DeiT-Tiny (``../shared`` weights) on two disjoint sets of 64 ImageNet photos; random-init
@@ -7,9 +7,10 @@ copies (DeiT-Tiny's and the shipped model's architectures); the planted Theorem-
 
     python bench/calibration.py [--out bench/calibration.json --md bench/RESULTS-calibration.md]
 
-Writes per model and calibration the per-layer verdict, score, distinct taps, lattice score,
-Holm p of the lattice alignment and the verdict stability (fraction of uncertainty replicates
-with the same verdict).
+Also the previous shipped model (20 epochs, Δ/α at a constant 20x learning rate;
+``data/cordonnier-quadratic/model-20epochs.safetensors``). Writes per model the per-layer verdict,
+dilation, grid score, p-value, local heads, distinct taps and the verdict stability (fraction of
+uncertainty replicates with the same verdict; "deterministic" for position-only attention).
 """
 
 from __future__ import annotations
@@ -26,14 +27,14 @@ from probe.analyses.convlike import ConvLikeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-CODES = {"conv-like": "C", "borderline": "B", "local but not grid": "L", "non-local": "N"}
-COLUMNS = ["layer", "conv_verdict", "conv_verdict_stability", "conv_like_fraction", "conv_score", "conv_n_local",
-           "conv_n_taps", "conv_score_taps", "conv_score_lattice", "conv_p_holm"]
+CODES = {"conv-like": "C", "borderline": "B", "local but not grid": "L", "non-local": "N", "not tested": "-"}
+COLUMNS = ["layer", "conv_verdict", "conv_dilation", "conv_verdict_stability", "conv_deterministic",
+           "conv_like_fraction", "conv_score", "conv_p_value", "conv_n_local", "conv_n_taps"]
 
 
-def run_one(label: str, model, images, calibration: str, **kw) -> dict:
+def run_one(label: str, model, images, calibration: str = "grid", **kw) -> dict:
     t0 = time.perf_counter()
-    cfg = ConvLikeConfig(calibration=calibration)
+    cfg = ConvLikeConfig()
     res = probe.analyze(model, images, attribution="none", conv_config=cfg, null_layers="all", **kw)
     rows = res.layers[COLUMNS].to_dict(orient="records")
     verdicts = "".join(CODES[r["conv_verdict"]] for r in rows)
@@ -52,7 +53,17 @@ def main() -> None:
     args = ap.parse_args()
     from probe.conv_equivalence import conv_equivalent_vit
 
-    jobs = [("shipped model (Cordonnier setting)", None, None, {}),
+    from probe.cordonnier import CordonnierViT
+
+    def previous_shipped():
+        from safetensors.torch import load_file
+
+        net = CordonnierViT()
+        net.load_state_dict(load_file(str(ROOT / "data" / "cordonnier-quadratic" / "model-20epochs.safetensors")))
+        return net.eval()
+
+    jobs = [("shipped model (100 epochs, Δ/α on the cosine schedule)", None, None, {}),
+            ("previous shipped model (20 epochs, Δ/α lr held at 2.0)", previous_shipped(), None, {}),
             ("shipped architecture, random init (seed 1)", None, None, {"random_init": True, "seed": 1})]
     deit = SHARED / "weights" / "deit_tiny_patch16_224.safetensors"
     photos = sorted((SHARED / "imagenet-sample").glob("*.JPEG"))
@@ -70,35 +81,31 @@ def main() -> None:
                  None, {"null_seeds": 0}))
     out = []
     for label, model, images, kw in jobs:
-        for calibration in ("lattice", "taps"):
-            r = run_one(label, model, images, calibration, num_images=args.num_images, **kw)
-            print(f"{label:50s} {calibration:8s} {r['verdicts']}  ({r['seconds']} s)", flush=True)
-            out.append(r)
+        r = run_one(label, model, images, num_images=args.num_images, **kw)
+        print(f"{label:58s} {r['verdicts']}  ({r['seconds']} s)", flush=True)
+        out.append(r)
     Path(args.out).write_text(json.dumps(out, indent=1, default=float))
-    lines = ["# Conv-test verdicts: first (lattice) and revised (taps) calibration", "",
+    lines = ["# Conv-test verdicts on the README's models (the grid test, issue 21)", "",
              "Written by `python bench/calibration.py`. One letter per layer, layer 0 first: C conv-like, "
              "B borderline (the verdict is reproduced by fewer than 80 % of the uncertainty replicates), "
-             "L local but not grid, N non-local.", "",
-             "| model | lattice (first) | taps (revised) | deepest conv layer, lattice / taps |",
-             "| --- | --- | --- | --- |"]
-    by = {}
+             "L local but not grid, N non-local. Size and power of the test: `RESULTS-convtest.md`.", "",
+             "| model | verdicts | conv-like layers | deterministic |", "| --- | --- | --- | --- |"]
     for r in out:
-        by.setdefault(r["model"], {})[r["calibration"]] = r
-    for label, d in by.items():
-        lat, tap = d["lattice"], d["taps"]
-        lines.append(f"| {label} | `{lat['verdicts']}` | `{tap['verdicts']}` | "
-                     f"{lat['deepest_conv_layer']} / {tap['deepest_conv_layer']} |")
-    lines += ["", "Per layer (taps calibration): verdict, stability, distinct taps / local heads, lattice score, "
-              "Holm p of the lattice alignment.", ""]
-    for label, d in by.items():
-        lines.append(f"**{label}** ({d['taps']['num_images']} images; {d['taps']['images']})")
+        det = all(bool(l["conv_deterministic"]) for l in r["layers"])
+        like = [l["layer"] for l in r["layers"] if l["conv_verdict"] == "conv-like"]
+        lines.append(f"| {r['model']} | `{r['verdicts']}` | {like or 'none'} | {'yes' if det else 'no'} |")
+    lines += ["", "Per layer: verdict, dilation, grid score S, p (Bonferroni over dilations 1 and 2), local heads, "
+              "distinct taps (descriptive), stability.", ""]
+    for r in out:
+        lines.append(f"**{r['model']}** ({r['num_images']} images; {r['images']})")
         lines.append("")
-        lines.append("| layer | verdict (taps) | stability | taps / local | S taps | verdict (lattice) | stability | S lattice | p Holm |")
-        lines.append("| ---: | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |")
-        for a, b in zip(d["taps"]["layers"], d["lattice"]["layers"]):
-            lines.append(f"| {a['layer']} | {a['conv_verdict']} | {a['conv_verdict_stability']:.2f} | "
-                         f"{a['conv_n_taps']} / {a['conv_n_local']} | {a['conv_score_taps']:.3f} | {b['conv_verdict']} | "
-                         f"{b['conv_verdict_stability']:.2f} | {b['conv_score_lattice']:.3f} | {b['conv_p_holm']:.4f} |")
+        lines.append("| layer | verdict | dilation | S | p | local heads | distinct taps | stability |")
+        lines.append("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for a in r["layers"]:
+            stab = "deterministic" if a["conv_deterministic"] else (
+                "—" if a["conv_verdict_stability"] != a["conv_verdict_stability"] else f"{a['conv_verdict_stability']:.2f}")
+            lines.append(f"| {a['layer']} | {a['conv_verdict']} | {a['conv_dilation']} | {a['conv_score']:.3f} | "
+                         f"{a['conv_p_value']:.4f} | {a['conv_n_local']} | {a['conv_n_taps']} | {stab} |")
         lines.append("")
     Path(args.md).write_text("\n".join(lines) + "\n")
 

@@ -149,9 +149,8 @@ def analyze(
     null_layers: str = typer.Option("candidates", "--null-layers",
                                     help="layers the random-init null runs on: candidates (those it could veto) or all", rich_help_panel="Conv test"),
     local_radius: float = typer.Option(2.0, "--local-radius", help="a head is local when 90% of its attention lies within this many patches of its centre", rich_help_panel="Conv test"),
-    kernel_size: Optional[int] = typer.Option(None, "--kernel-size", help="K of the KxK lattice (default sqrt(heads) if a square >= 4, else 3)", rich_help_panel="Conv test"),
-    conv_level: float = typer.Option(0.01, "--conv-level", help="family-wise significance level (Holm) of the conv test", rich_help_panel="Conv test"),
-    conv_calibration: str = typer.Option("taps", "--conv-calibration", help="taps (distinct local offsets around the query; default) or lattice (the unit-lattice alignment test of the first calibration)", rich_help_panel="Conv test"),
+    kernel_size: Optional[int] = typer.Option(None, "--kernel-size", help="K of the KxK kernel (default sqrt(heads) if a square >= 4, else the largest odd K with K*K <= heads, at least 3; never wider than the patch grid)", rich_help_panel="Conv test"),
+    conv_level: float = typer.Option(0.01, "--conv-level", help="significance level of each layer's conv test (its own test: no correction across layers)", rich_help_panel="Conv test"),
     attribution: str = typer.Option("none", "--attribution", help="head attribution with captum (opt-in: it costs about 2x the rest of a run): ig, ablation, both or none", rich_help_panel="Attribution"),
     attribution_images: int = typer.Option(16, "--attribution-images", help="the first N analysed images are used for the attribution", rich_help_panel="Attribution"),
     query: Optional[str] = typer.Option(None, "--query", help="query patch ROW,COL whose mean attention map the report shows (default: the central patch)", rich_help_panel="Output"),
@@ -179,7 +178,7 @@ def analyze(
                         patch_size=patch_size, input_size=input_size, mean=mean, std=std, fits=fits,
                         anisotropic=anisotropic, conv_test=conv_test, null_seeds=null_seeds,
                         null_images=null_images, null_layers=null_layers, local_radius=local_radius,
-                        kernel_size=kernel_size, conv_level=conv_level, conv_calibration=conv_calibration,
+                        kernel_size=kernel_size, conv_level=conv_level,
                         attribution=attribution, attribution_images=attribution_images, query=query,
                         analysis=analysis, set_option=set_option, ConvLikeConfig=ConvLikeConfig,
                         run_analysis=run_analysis)
@@ -193,7 +192,7 @@ def analyze(
 def _analyze(dist_run, main: bool, *, model, weights, random_init, images, workers, layers, num_images,
              batch_size, device, amp, seed, out, prefix_tokens, grid, patch_size, input_size, mean, std, fits,
              anisotropic, conv_test, null_seeds, null_images, null_layers, local_radius, kernel_size, conv_level,
-             conv_calibration, attribution, attribution_images, query, analysis, set_option, ConvLikeConfig,
+             attribution, attribution_images, query, analysis, set_option, ConvLikeConfig,
              run_analysis) -> None:
     """``probe analyze`` after the distributed set-up: on a rank other than 0 (``main`` false)
     the output folder is not checked, no progress or summary is shown and nothing is written."""
@@ -224,7 +223,7 @@ def _analyze(dist_run, main: bool, *, model, weights, random_init, images, worke
                     patch_size=patch_size, data_overrides=overrides, progress=progress,
                     fits=fits, anisotropic=anisotropic, conv_test=conv_test and fits,
                     conv_config=ConvLikeConfig(kernel_size=kernel_size, r_local=local_radius,
-                                               level=conv_level, seed=seed, calibration=conv_calibration),
+                                               level=conv_level, seed=seed),
                     null_seeds=null_seeds, null_images=null_images, null_layers=null_layers,
                     attribution=attribution, attribution_images=attribution_images,
                     query=_query_pair(query), analyses=analysis or None,

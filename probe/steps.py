@@ -43,7 +43,9 @@ def add_quadratic_fits(result: AnalysisResult, anisotropic: bool = False, stage:
 
     Adds the columns of :meth:`probe.analyses.quadratic.QuadraticFit.to_frame` and
     ``r90_empirical_patches`` (:func:`~probe.analyses.quadratic.empirical_mass_radius` around
-    the fitted Δ, or around the query for a head without a finite Δ) to ``result.heads``;
+    the fitted Δ over the queries whose target lies on the patch grid, so that it does not grow
+    with the distance of the centre from the query; around the query for a head without a finite
+    Δ) to ``result.heads``;
     ``result.extras["quadratic"] = {layer: QuadraticFit}``. ``stage`` (a progress stage) is
     advanced by one per fitted layer.
     """
@@ -51,7 +53,8 @@ def add_quadratic_fits(result: AnalysisResult, anisotropic: bool = False, stage:
     for layer, st in result.stats.items():
         fit = fit_layer_stats(st, anisotropic=anisotropic)
         frame = fit.to_frame()
-        frame["r90_empirical_patches"] = empirical_mass_radius(st.mean_attn, st.geometry, fit.delta, R90_MASS)
+        frame["r90_empirical_patches"] = empirical_mass_radius(st.mean_attn, st.geometry, fit.delta, R90_MASS,
+                                                               on_grid=True)
         fits[layer] = fit
         frames.append(frame)
         if stage is not None:
@@ -61,8 +64,11 @@ def add_quadratic_fits(result: AnalysisResult, anisotropic: bool = False, stage:
     result.extras["quadratic"] = fits
 
 
-def layer_fits(heads: pd.DataFrame) -> dict[int, LayerFit]:
+def layer_fits(heads: pd.DataFrame, grids: dict[int, tuple[int, int]] | None = None) -> dict[int, LayerFit]:
     """Per-layer inputs of the conv test from a heads table with quadratic-fit columns.
+
+    ``grids`` (``{layer: (rows, cols)}``, e.g. from the layers' token geometry) keeps each layer's
+    kernel and dilations within its patch grid.
 
     Locality uses the measured ``r90_empirical_patches``; a head without a finite centre
     (``α = 0``) is placed at the query and, having a large radius, is non-local. The radius's
@@ -87,21 +93,27 @@ def layer_fits(heads: pd.DataFrame) -> dict[int, LayerFit]:
             r90=r90,
             delta_se=np.where(np.isfinite(se), se, 0.0),
             r90_se=r90_se,
+            grid=(grids or {}).get(int(layer)),
         )
     return out
 
 
-def _score(delta: np.ndarray, r90: np.ndarray, config: ConvLikeConfig) -> float:
-    """Score of one layer; a head without a finite centre is placed at the query."""
+def _grids(result: AnalysisResult) -> dict[int, tuple[int, int]]:
+    """``{layer: patch grid}`` of a result's statistics."""
+    return {int(l): tuple(st.geometry.grid) for l, st in result.stats.items()}
+
+
+def _score(delta: np.ndarray, r90: np.ndarray, config: ConvLikeConfig, grid: tuple[int, int] | None) -> float:
+    """Grid score of one layer; a head without a finite centre is placed at the query."""
     delta = np.where(np.isfinite(delta), delta, 0.0)
     return convlike_score(delta, r90=r90, kernel_size=config.kernel_size, r_local=config.r_local,
-                          mass=config.mass, tolerance=config.tolerance, calibration=config.calibration,
-                          separation=config.tap_separation, window=config.tap_window)
+                          mass=config.mass, tolerance=config.tolerance, dilations=config.dilations, grid=grid)
 
 
-def layer_scores(heads: pd.DataFrame, config: ConvLikeConfig) -> dict[int, float]:
+def layer_scores(heads: pd.DataFrame, config: ConvLikeConfig,
+                 grids: dict[int, tuple[int, int]] | None = None) -> dict[int, float]:
     """:func:`~probe.analyses.convlike.convlike_score` of every layer of a heads table."""
-    return {layer: _score(f.delta, f.r90, config) for layer, f in layer_fits(heads).items()}
+    return {layer: _score(f.delta, f.r90, config, f.grid) for layer, f in layer_fits(heads, grids).items()}
 
 
 def stats_layer_scores(stats, config: ConvLikeConfig) -> dict[int, float]:
@@ -129,8 +141,8 @@ def stats_layer_scores(stats, config: ConvLikeConfig) -> dict[int, float]:
             out[int(layer)] = 0.0
             continue
         fit = fit_layer_stats(st, bootstrap=False)
-        r90 = empirical_mass_radius(mean_attn, st.geometry, fit.delta, R90_MASS)
-        out[int(layer)] = _score(fit.delta, r90, config)
+        r90 = empirical_mass_radius(mean_attn, st.geometry, fit.delta, R90_MASS, on_grid=True)
+        out[int(layer)] = _score(fit.delta, r90, config, tuple(st.geometry.grid))
     return out
 
 
@@ -142,7 +154,7 @@ def trial_conv_test(result: AnalysisResult, config: ConvLikeConfig) -> ConvLikeR
     the result to :func:`add_conv_test` with the null (a) scores. Needs
     :func:`add_quadratic_fits` first.
     """
-    return convlike_test(layer_fits(result.heads), config=config)
+    return convlike_test(layer_fits(result.heads, _grids(result)), config=config)
 
 
 def add_conv_test(result: AnalysisResult, config: ConvLikeConfig,
@@ -158,7 +170,8 @@ def add_conv_test(result: AnalysisResult, config: ConvLikeConfig,
     random-init scores instead of running the test (and its null draws) again.
     """
     if trial is None:
-        cl = convlike_test(layer_fits(result.heads), random_init=random_init_scores or None, config=config)
+        cl = convlike_test(layer_fits(result.heads, _grids(result)), random_init=random_init_scores or None,
+                           config=config)
     else:
         cl = trial.with_random_init(random_init_scores or None)
     result.heads = result.heads.merge(cl.heads.drop(columns=["conv_radius"], errors="ignore"),
@@ -322,7 +335,8 @@ class ConvTest(Analysis):
     requires = ("quadratic",)
     Options = ConvTestOptions
     head_columns = ("conv_local", "conv_tap", "conv_lattice_row", "conv_lattice_col", "conv_lattice_distance")
-    layer_columns = ("conv_verdict", "conv_score", "conv_n_local", "conv_n_taps", "conv_p_value", "conv_p_holm")
+    layer_columns = ("conv_verdict", "conv_score", "conv_dilation", "conv_n_local", "conv_n_taps", "conv_p_value",
+                     "conv_deterministic")
     report_order = 10
 
     def run(self, ctx: AnalysisContext) -> None:

@@ -50,31 +50,94 @@ HEAD_COLUMNS = (
 LAYER_COLUMNS = ("mean_distance_px", "entropy_nats", "conv_n_local", "conv_score", "conv_verdict")
 
 
-def rescore(heads: pd.DataFrame, layers_table: pd.DataFrame, config: Any = None) -> pd.DataFrame:
-    """``layers_table`` with ``conv_n_taps`` and ``conv_score_taps`` (re)computed from the recorded
-    per-head Δ and measured radius (:func:`probe.analyses.convlike.distinct_taps`), so records taken
-    with another calibration of the conv statistic are shown with the current one.
+def rescore(heads: pd.DataFrame, layers_table: pd.DataFrame | None = None, config: Any = None,
+            grid: tuple[int, int] | None = None, cache: dict | None = None) -> pd.DataFrame:
+    """The conv test (:func:`probe.analyses.convlike.convlike_test`) redone on every record.
+
+    Each record's per-head Δ and locality radius (``r90_empirical_patches`` when recorded, else
+    the radius of ``alpha``) are tested as one model per step, so records taken with an earlier
+    version of the test are judged with the current one.
 
     Args:
-        heads, layers_table: :attr:`Tracker.heads`, :attr:`Tracker.layers_table`.
+        heads: :attr:`Tracker.heads` (``step``, ``layer``, ``head``, ``delta_row``, ``delta_col``
+            and ``r90_empirical_patches`` or ``alpha``).
+        layers_table: :attr:`Tracker.layers_table`; its other columns are kept (None: only the
+            test's columns are returned).
         config: :class:`~probe.analyses.convlike.ConvLikeConfig` (default thresholds).
+        grid: the patch grid ``(rows, cols)`` of the layers (limits the kernel and dilations).
+        cache: a dict reused for the null draws (shared across calls).
+
+    Returns:
+        one row per (step, layer): ``conv_verdict``, ``conv_dilation``, ``conv_score``,
+        ``conv_p_value``, ``conv_n_local``, ``conv_n_taps`` and ``conv_deterministic``, merged
+        onto ``layers_table`` when given.
+
+    Raises:
+        ProbeError: when neither a radius nor ``alpha`` was recorded.
     """
     import numpy as np
 
-    from .analyses.convlike import ConvLikeConfig, default_kernel_size, distinct_taps
+    from .analyses.convlike import ConvLikeConfig, LayerFit, convlike_test
 
     cfg = config or ConvLikeConfig()
+    if "r90_empirical_patches" not in heads and "alpha" not in heads:
+        raise ProbeError("the records have neither r90_empirical_patches nor alpha; cannot judge locality")
+    cache = {} if cache is None else cache
+    cols = ["conv_verdict", "conv_dilation", "conv_score", "conv_p_value", "conv_n_local", "conv_n_taps",
+            "conv_deterministic"]
+    frames = []
+    for step, gs in heads.groupby("step", sort=True):
+        fits = {}
+        for layer, g in gs.groupby("layer", sort=True):
+            g = g.sort_values("head")
+            d = g[["delta_row", "delta_col"]].to_numpy(dtype=float)
+            finite = np.isfinite(d).all(1)
+            if "r90_empirical_patches" in g:
+                r90 = g["r90_empirical_patches"].to_numpy(dtype=float)
+                fits[int(layer)] = LayerFit(np.where(finite[:, None], d, 0.0), r90=np.where(finite, r90, np.inf),
+                                            grid=grid)
+            else:
+                a = g["alpha"].to_numpy(dtype=float)
+                fits[int(layer)] = LayerFit(np.where(finite[:, None], d, 0.0), np.where(finite, a, 0.0), grid=grid)
+        t = convlike_test(fits, config=cfg, cache=cache).layers
+        t.insert(0, "step", step)
+        frames.append(t[["step", "layer", *cols]])
+    out = pd.concat(frames, ignore_index=True)
+    if layers_table is None:
+        return out
+    base = layers_table.drop(columns=[c for c in cols + ["conv_score_taps"] if c in layers_table])
+    return base.merge(out, on=["step", "layer"], how="left")
+
+
+def trajectory_verdicts(rescored: pd.DataFrame, last: float = 0.5) -> pd.DataFrame:
+    """Each layer's conv verdict over the last part of a training run.
+
+    Args:
+        rescored: :func:`rescore` output (``step``, ``layer``, ``conv_verdict``, ``conv_dilation``).
+        last: the fraction of the run's steps that counts as its last part (records with
+            ``step >= (1 − last) · final step``).
+
+    Returns:
+        one row per layer: ``records`` in the last part, ``conv_like_fraction`` there,
+        ``final_verdict`` (at the last record), ``dilation`` (most common among the conv-like
+        records, 0 if none), ``first_step``/``final_step`` of that part.
+
+    Raises:
+        ProbeError: unless ``0 < last <= 1``.
+    """
+    if not 0 < last <= 1:
+        raise ProbeError(f"last must be a fraction in (0, 1], got {last}")
+    final = int(rescored["step"].max())
+    part = rescored[rescored["step"] >= (1 - last) * final]
     rows = []
-    for (step, layer), g in heads.groupby(["step", "layer"], sort=True):
-        d = g[["delta_row", "delta_col"]].to_numpy(dtype=float)
-        d = np.where(np.isfinite(d), d, 0.0)
-        local = g["r90_empirical_patches"].to_numpy(dtype=float) <= cfg.r_local
-        k = cfg.kernel_size or default_kernel_size(len(g))
-        score, n, _ = distinct_taps(d, local, k, separation=cfg.tap_separation, window=cfg.window(k))
-        rows.append({"step": step, "layer": layer, "conv_n_taps": n, "conv_score_taps": score})
-    extra = pd.DataFrame(rows, columns=["step", "layer", "conv_n_taps", "conv_score_taps"])
-    base = layers_table.drop(columns=[c for c in ("conv_n_taps", "conv_score_taps") if c in layers_table])
-    return base.merge(extra, on=["step", "layer"], how="left")
+    for layer, g in part.groupby("layer", sort=True):
+        g = g.sort_values("step")
+        like = g[g["conv_verdict"] == "conv-like"]
+        rows.append({"layer": int(layer), "records": len(g), "conv_like_fraction": len(like) / len(g),
+                     "final_verdict": str(g["conv_verdict"].iloc[-1]),
+                     "dilation": int(like["conv_dilation"].mode().iloc[0]) if len(like) else 0,
+                     "first_step": int(g["step"].iloc[0]), "final_step": int(g["step"].iloc[-1])})
+    return pd.DataFrame(rows)
 
 
 class Tracker:

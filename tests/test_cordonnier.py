@@ -324,3 +324,32 @@ def test_fits_recover_sharp_heads_from_float32_attention():
     err_d = np.abs(h[["delta_row", "delta_col"]].to_numpy() - truth_d).max(1)
     err_a = np.abs(h.alpha.to_numpy() / truth_a - 1)
     assert err_d[informative].max() < 1e-3 and err_a[informative].max() < 1e-3, (err_d, err_a, informative)
+
+
+def test_trajectory_verdicts_over_the_last_part_of_training():
+    """Records of a planted run: layer 0's heads settle on the 3x3 grid halfway through, layer 1's
+    stay scattered; the rescored verdicts and their fraction over the last half say so."""
+    from probe.analyses.convlike import kernel_lattice
+    from probe.track import rescore, trajectory_verdicts
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for step in range(0, 1001, 100):
+        grid = step >= 500
+        for layer in (0, 1):
+            d = (kernel_lattice(3) + rng.normal(0, 0.05, (9, 2))) if (layer == 0 and grid) \
+                else rng.uniform(-2.5, 2.5, (9, 2))
+            for h in range(9):
+                rows.append({"step": step, "layer": layer, "head": h, "delta_row": d[h, 0],
+                             "delta_col": d[h, 1], "alpha": 8.0})
+    heads = pd.DataFrame(rows)
+    r = rescore(heads, grid=(16, 16))
+    assert set(r.columns) >= {"step", "layer", "conv_verdict", "conv_dilation", "conv_p_value"}
+    tv = trajectory_verdicts(r, last=0.5).set_index("layer")
+    assert tv.loc[0, "conv_like_fraction"] == 1.0 and tv.loc[0, "records"] == 6
+    assert tv.loc[0, "final_verdict"] == "conv-like" and tv.loc[0, "dilation"] == 1
+    assert tv.loc[1, "conv_like_fraction"] <= 1 / 6
+    early = r[(r.layer == 0) & (r.step < 500)]
+    assert (early.conv_verdict != "conv-like").all()
+    with pytest.raises(probe.ProbeError):
+        trajectory_verdicts(r, last=0)

@@ -241,7 +241,8 @@ def test_rerun_with_other_settings_says_null_a_needs_the_model(saved, tmp_path):
     # an independent path: the conv test of the re-fitted heads, without null (a)
     from probe.steps import layer_fits
 
-    direct = convlike_test(layer_fits(again.heads), config=cfg)
+    grids = {l: tuple(st.geometry.grid) for l, st in again.stats.items()}
+    direct = convlike_test(layer_fits(again.heads, grids), config=cfg)
     pd.testing.assert_frame_equal(again.extras["convlike"].layers, direct.layers, check_exact=True)
     assert again.extras["convlike"].random_init_scores == {}
     assert {"aniso_delta_row", "importance_ig"} <= set(again.heads.columns)

@@ -501,7 +501,7 @@ def quadratic_attention(delta, alpha, geometry: TokenGeometry) -> torch.Tensor:
     return torch.from_numpy(np.exp(model_log_attention(b, alpha, geometry)))
 
 
-def offset_profile(mean_attn, geometry: TokenGeometry) -> torch.Tensor:
+def offset_profile(mean_attn, geometry: TokenGeometry, query_mask=None) -> torch.Tensor:
     """Mean attention per relative offset: the distribution of ``δ = p_k − p_q``.
 
     ``profile[h, δ] = (1/P) Σ_q A'[h, q, q + δ]`` over the patch queries ``q`` for which key
@@ -512,6 +512,8 @@ def offset_profile(mean_attn, geometry: TokenGeometry) -> torch.Tensor:
         mean_attn: ``(heads, P, P)`` renormalised patch-to-patch attention (e.g.
             :attr:`LayerStats.mean_attn`).
         geometry: token geometry with the ``rows x cols`` patch grid.
+        query_mask: optional boolean ``(heads, P)``: only these patch queries enter each head's
+            profile (the mean is then over them); a head with no query gets a zero profile.
 
     Returns:
         float64 tensor ``(heads, 2·rows − 1, 2·cols − 1)``; index ``[h, i, j]`` is offset
@@ -528,9 +530,49 @@ def offset_profile(mean_attn, geometry: TokenGeometry) -> torch.Tensor:
     off = geometry.offsets().numpy().astype(np.int64)
     flat = (off[..., 0] + rows - 1) * (2 * cols - 1) + (off[..., 1] + cols - 1)  # (P, P)
     out = np.zeros((a.shape[0], (2 * rows - 1) * (2 * cols - 1)))
+    if query_mask is None:
+        for h in range(a.shape[0]):
+            out[h] = np.bincount(flat.ravel(), weights=a[h].ravel(), minlength=out.shape[1])
+        return torch.from_numpy(out.reshape(a.shape[0], 2 * rows - 1, 2 * cols - 1) / P)
+    qm = np.asarray(query_mask, dtype=bool)
+    if qm.shape != (a.shape[0], P):
+        raise ProbeError(f"query_mask must have shape ({a.shape[0]}, {P}), got {qm.shape}")
     for h in range(a.shape[0]):
-        out[h] = np.bincount(flat.ravel(), weights=a[h].ravel(), minlength=out.shape[1])
-    return torch.from_numpy(out.reshape(a.shape[0], 2 * rows - 1, 2 * cols - 1) / P)
+        if qm[h].any():
+            out[h] = np.bincount(flat[qm[h]].ravel(), weights=a[h][qm[h]].ravel(), minlength=out.shape[1])
+            out[h] /= qm[h].sum()
+    return torch.from_numpy(out.reshape(a.shape[0], 2 * rows - 1, 2 * cols - 1))
+
+
+def on_grid_queries(centre, geometry: TokenGeometry, margin: float = 1.0) -> np.ndarray:
+    """Patch queries whose target ``q + Δ`` lies on the patch grid, per head.
+
+    A query's target is inside when it is at least ``margin`` patches inside the grid's border
+    (so its nearest keys exist on every side); if no query of a head qualifies, the margin is
+    dropped (target anywhere on the grid), and if still none, every query is kept (a centre beyond
+    the grid for every query). A head without a finite centre keeps every query.
+
+    Args:
+        centre: ``(heads, 2)`` centres Δ in patches (NaN allowed).
+        geometry: token geometry with the patch grid. margin: patches.
+
+    Returns:
+        boolean ``(heads, P)``.
+    """
+    c = np.asarray(centre, dtype=np.float64).reshape(-1, 2)
+    rows, cols = geometry.grid
+    qr, qc = np.divmod(np.arange(rows * cols), cols)
+    out = np.ones((c.shape[0], rows * cols), dtype=bool)
+    for h in range(c.shape[0]):
+        if not np.isfinite(c[h]).all():
+            continue
+        tr, tc = qr + c[h, 0], qc + c[h, 1]
+        for m in (margin, 0.0):
+            ok = (tr >= m - 1e-9) & (tr <= rows - 1 - m + 1e-9) & (tc >= m - 1e-9) & (tc <= cols - 1 - m + 1e-9)
+            if ok.any():
+                out[h] = ok
+                break
+    return out
 
 
 def _fit_aniso(phi_mean: np.ndarray, geometry: TokenGeometry, x_iso: np.ndarray) -> dict:
@@ -842,7 +884,8 @@ def fit_quadratic_attention(
                            anisotropic=anisotropic, se_method=se_method)
 
 
-def empirical_mass_radius(mean_attn, geometry: TokenGeometry, centre=None, mass: float = 0.9) -> np.ndarray:
+def empirical_mass_radius(mean_attn, geometry: TokenGeometry, centre=None, mass: float = 0.9,
+                          on_grid: bool = False) -> np.ndarray:
     """Model-free locality: the radius around a head's centre holding ``mass`` of its attention.
 
     With the offset profile ``π(δ)`` of :func:`offset_profile` (the distribution of the offset to
@@ -857,6 +900,10 @@ def empirical_mass_radius(mean_attn, geometry: TokenGeometry, centre=None, mass:
         centre: ``(heads, 2)`` centres ``c`` in patches (e.g. the fitted Δ); NaN or None -> the
             query itself ``(0, 0)``.
         mass: fraction of the attention, in ``(0, 1)``.
+        on_grid: measure each head over the queries whose target ``q + Δ`` lies on the grid
+            (:func:`on_grid_queries`). Queries whose target falls off the grid pile their
+            attention onto border keys, spreading the profile: a sharp head (α = 5) at 8 patches
+            on a 16x16 grid measures 7 patches over all queries and its own width over these.
 
     Returns:
         float64 ``(heads,)`` radii in patches.
@@ -866,13 +913,14 @@ def empirical_mass_radius(mean_attn, geometry: TokenGeometry, centre=None, mass:
     """
     if not 0.0 < mass < 1.0:
         raise ProbeError(f"mass must lie in (0, 1), got {mass}")
-    prof = offset_profile(mean_attn, geometry).numpy()
-    heads = prof.shape[0]
-    rows, cols = geometry.grid
-    dr, dc = np.meshgrid(np.arange(-(rows - 1), rows), np.arange(-(cols - 1), cols), indexing="ij")
+    heads = _as_numpy(mean_attn, "mean_attn", ndim=3).shape[0]
     c = np.zeros((heads, 2)) if centre is None else np.asarray(centre, dtype=np.float64)
     if c.shape != (heads, 2):
         raise ProbeError(f"centre must have shape ({heads}, 2), got {c.shape}")
+    mask = on_grid_queries(c, geometry) if on_grid and centre is not None else None
+    prof = offset_profile(mean_attn, geometry, mask).numpy()
+    rows, cols = geometry.grid
+    dr, dc = np.meshgrid(np.arange(-(rows - 1), rows), np.arange(-(cols - 1), cols), indexing="ij")
     c = np.where(np.isfinite(c), c, 0.0)
     out = np.empty(heads)
     for h in range(heads):

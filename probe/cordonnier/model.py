@@ -54,6 +54,13 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 
 ATTENTIONS = ("quadratic", "generalized", "relative")
 
+#: How the position-only heads get their values: ``"projected"`` (a value projection to ``dim``
+#: split into ``H`` slices of ``dim / H``, as a ViT) or ``"input"`` (every head mixes the whole
+#: ``dim``-wide input and one linear map takes the ``H · dim`` concatenation back to ``dim``: the
+#: multi-head form of Cordonnier et al. 2020, Eq. 5, and of their code, 12.1 M parameters at
+#: width 400).
+VALUES = ("projected", "input")
+
 
 def _grid_offsets(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column offsets ``δ = p_k − p_q``: ``(rows, rows)`` and ``(cols, cols)``, ``[q, k]``."""
@@ -71,14 +78,21 @@ class _PositionalAttention(nn.Module):
         grid: patch grid ``(rows, cols)``.
     """
 
-    def __init__(self, dim: int, num_heads: int, grid: tuple[int, int]):
+    def __init__(self, dim: int, num_heads: int, grid: tuple[int, int], values: str = "projected"):
         super().__init__()
-        if dim % num_heads:
+        if values not in VALUES:
+            raise ValueError(f"unknown values {values!r}; use one of {', '.join(VALUES)}")
+        if values == "projected" and dim % num_heads:
             raise ValueError(f"dim {dim} is not a multiple of num_heads {num_heads}")
         self.dim, self.num_heads, self.grid = dim, num_heads, (int(grid[0]), int(grid[1]))
-        self.head_dim = dim // num_heads
-        self.value = nn.Linear(dim, dim)
-        self.proj = nn.Linear(dim, dim)
+        self.values = values
+        if values == "projected":
+            self.head_dim = dim // num_heads
+            self.value = nn.Linear(dim, dim)
+        else:  # each head mixes the whole input (Cordonnier et al. 2020, Eq. 5 / Theorem 1)
+            self.head_dim = dim
+            self.value = nn.Identity()
+        self.proj = nn.Linear(num_heads * self.head_dim, dim)
         self.attn_probs = nn.Identity()  # capture point: (B, H, T, T) when materialize is set
         self.materialize = False
         dr, dc = _grid_offsets(*self.grid)
@@ -99,9 +113,12 @@ class _PositionalAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, T, dim) -> (B, T, dim)``."""
         b, t, _ = x.shape
-        v = self.value(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        if self.values == "projected":
+            v = self.value(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        else:
+            v = x.unsqueeze(1).expand(b, self.num_heads, t, self.dim)
         out = self._mix(v)
-        return self.proj(out.transpose(1, 2).reshape(b, t, self.dim))
+        return self.proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
     def _mix(self, v: torch.Tensor) -> torch.Tensor:
         return self._apply_full(v)
@@ -122,8 +139,8 @@ class QuadraticAttention(_PositionalAttention):
     """
 
     def __init__(self, dim: int, num_heads: int, grid: tuple[int, int], alpha_init: float = 0.1,
-                 center_init_std: float = 2.0):
-        super().__init__(dim, num_heads, grid)
+                 center_init_std: float = 2.0, values: str = "projected"):
+        super().__init__(dim, num_heads, grid, values)
         self.alpha_init, self.center_init_std = float(alpha_init), float(center_init_std)
         self.centers = nn.Parameter(torch.randn(num_heads, 2) * center_init_std)
         self.alpha_raw = nn.Parameter(torch.full((num_heads,), float(alpha_init)))
@@ -259,10 +276,13 @@ class RelativeContentAttention(nn.Module):
 class Block(nn.Module):
     """Post-norm encoder block (BERT): ``x = LN(x + attn(x)); x = LN(x + MLP(x))``."""
 
-    def __init__(self, dim: int, num_heads: int, grid: tuple[int, int], mlp_dim: int, attention: str):
+    def __init__(self, dim: int, num_heads: int, grid: tuple[int, int], mlp_dim: int, attention: str,
+                 values: str = "projected", dropout: float = 0.0):
         super().__init__()
+        if values != "projected" and attention != "quadratic":
+            raise ValueError(f"values={values!r} is implemented for quadratic attention only")
         if attention == "quadratic":
-            self.attn = QuadraticAttention(dim, num_heads, grid)
+            self.attn = QuadraticAttention(dim, num_heads, grid, values=values)
         elif attention == "generalized":
             self.attn = GeneralizedQuadraticAttention(dim, num_heads, grid)
         elif attention == "relative":
@@ -272,10 +292,11 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
         self.norm2 = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm1(x + self.attn(x))
-        return self.norm2(x + self.mlp(x))
+        x = self.norm1(x + self.drop(self.attn(x)))
+        return self.norm2(x + self.drop(self.mlp(x)))
 
 
 class CordonnierViT(nn.Module):
@@ -289,10 +310,14 @@ class CordonnierViT(nn.Module):
         attention: ``"quadratic"``, ``"generalized"`` or ``"relative"`` (module docstring).
         img_size: square input side in pixels; ``pool``: concatenation pooling factor (2: 16x16
             grid of 2x2-pixel tokens for 32x32 images).
+        values: ``"projected"`` or ``"input"`` (:data:`VALUES`; the paper's form).
+        dropout: dropout on the attention and MLP outputs before each residual sum (BERT's hidden
+            dropout; the paper used 0.1); 0 (default) adds no module.
     """
 
     def __init__(self, dim: int = 72, depth: int = 6, num_heads: int = 9, mlp_dim: int = 144,
-                 attention: str = "quadratic", img_size: int = 32, pool: int = 2, num_classes: int = 10):
+                 attention: str = "quadratic", img_size: int = 32, pool: int = 2, num_classes: int = 10,
+                 values: str = "projected", dropout: float = 0.0):
         super().__init__()
         if img_size % pool:
             raise ValueError(f"img_size {img_size} is not a multiple of pool {pool}")
@@ -300,11 +325,14 @@ class CordonnierViT(nn.Module):
         self.grid = (img_size // pool, img_size // pool)
         self.num_prefix_tokens = 0
         self.embed = nn.Linear(3 * pool * pool, dim)
-        self.blocks = nn.ModuleList(Block(dim, num_heads, self.grid, mlp_dim, attention) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, num_heads, self.grid, mlp_dim, attention, values, dropout)
+                                    for _ in range(depth))
         self.head = nn.Linear(dim, num_classes)
         self.pretrained_cfg = dict(CIFAR_CFG, input_size=(3, img_size, img_size), num_classes=num_classes)
         self.config = {"dim": dim, "depth": depth, "num_heads": num_heads, "mlp_dim": mlp_dim,
                        "attention": attention, "img_size": img_size, "pool": pool, "num_classes": num_classes}
+        if values != "projected" or dropout:
+            self.config.update(values=values, dropout=float(dropout))
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W) -> (B, T, 3·pool²)``: 2x2 concatenation pooling, row-major tokens."""

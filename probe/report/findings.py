@@ -70,18 +70,27 @@ def findings(heads: pd.DataFrame, layers: pd.DataFrame, meta: dict[str, Any], ex
         k = int(ct.conv_kernel_size.iloc[0]) if len(ct) else 3
         for layer in cl.conv_like_layers:
             row = ct.loc[layer]
+            k = int(row.conv_kernel_size)
             h = heads[(heads.layer == layer)]
-            taps = ch[(ch.layer == layer) & (ch.conv_tap >= 0)] if "conv_tap" in ch else ch.iloc[:0]
+            on = ch[(ch.layer == layer) & (ch.conv_lattice_distance < 0.5)] if "conv_lattice_distance" in ch \
+                else ch.iloc[:0]
             offs = []
-            for _, r in h[h["head"].isin(taps["head"])].iterrows():
+            for _, r in h[h["head"].isin(on["head"])].iterrows():
                 se = max(float(r.get("delta_row_se", np.nan)), float(r.get("delta_col_se", np.nan)))
                 pm = f" ± {_num(se, 2)}" if np.isfinite(se) and se > 0.005 else ""
                 offs.append(f"head {int(r['head'])} at ({_num(r.delta_row)}, {_num(r.delta_col)}){pm}")
             stab = row.get("conv_verdict_stability", np.nan)
-            stab_txt = f"; the verdict holds in {stab:.0%} of the bootstrap replicates" if np.isfinite(stab) else ""
-            out.append(f"Layer {layer} acts like a {k}×{k} convolution: {int(row.conv_n_taps)} distinct taps around "
-                       f"the query — {_and(offs) if offs else 'see the table'} (offsets in patches, row and column)"
-                       f"{stab_txt}.")
+            if bool(row.get("conv_deterministic", False)):
+                stab_txt = "; the attention does not depend on the image, so this is exact, not a sample estimate"
+            elif np.isfinite(stab):
+                stab_txt = f"; the verdict holds in {stab:.0%} of the bootstrap replicates"
+            else:
+                stab_txt = ""
+            d = int(row.get("conv_dilation", 1) or 1)
+            dil = f" at dilation {d}" if d > 1 else ""
+            out.append(f"Layer {layer} acts like a {k}×{k} convolution{dil}: {len(on)} local heads within half a "
+                       f"patch of distinct pixel offsets of the kernel — {_and(offs) if offs else 'see the table'} "
+                       f"(offsets in patches, row and column; grid test p = {row.conv_p_value:.2g}){stab_txt}.")
         border = [int(l) for l in ct.index[ct.conv_verdict == "borderline"]]
         if border:
             frac = ", ".join(f"layer {l}: {ct.loc[l, 'conv_like_fraction']:.0%}" for l in border)
@@ -89,12 +98,15 @@ def findings(heads: pd.DataFrame, layers: pd.DataFrame, meta: dict[str, Any], ex
                        f"(conv-like in {frac} of the bootstrap replicates).")
         loc = [int(l) for l in ct.index[ct.conv_verdict == "local but not grid"]]
         if loc:
-            out.append(f"{_span(loc)}: local heads, but not at enough distinct offsets around the query to act "
-                       f"like a {k}×{k} convolution.")
+            out.append(f"{_span(loc)}: local heads, but their centres are no closer to the kernel's grid of pixel "
+                       "offsets than local heads placed at random would be, so no convolution is claimed.")
         if cl.deepest_conv_layer is None:
             out.append("The convolution claim of Cordonnier et al. (2020) does not hold from the first analysed layer.")
+        elif cl.deepest_conv_layer == int(ct.index[0]):
+            out.append(f"The convolution claim holds for the first analysed layer ({cl.deepest_conv_layer}) only.")
         else:
-            out.append(f"The convolution claim holds from the first analysed layer up to layer {cl.deepest_conv_layer}.")
+            out.append(f"The convolution claim holds for every analysed layer from {int(ct.index[0])} to "
+                       f"{cl.deepest_conv_layer}.")
     if len(t) >= 3:
         a, b = t.iloc[0], t.iloc[-1]
         trend = "grows" if b.mean_distance_px > a.mean_distance_px else "shrinks"

@@ -73,13 +73,12 @@ def convlike_section(cl: Any, meta: dict[str, Any]) -> dict[str, str]:
     c = cl.config
     t = cl.layers
     cols = {
-        "layer": "layer", "conv_verdict": "verdict", "conv_verdict_stability": "verdict stability",
-        "conv_like_fraction": "conv-like in replicates", "conv_score": "score S",
-        "conv_score_lo": "S 2.5 %", "conv_score_hi": "S 97.5 %", "conv_n_local": "local heads",
-        "conv_num_heads": "heads", "conv_n_taps": "distinct taps", "conv_score_taps": "S taps",
-        "conv_score_lattice": "S lattice", "conv_n_covered": "lattice points covered",
-        "conv_kernel_size": "K", "conv_null_mean": "null (b) mean", "conv_effect_size": "effect size",
-        "conv_p_value": "p lattice", "conv_p_holm": "p lattice (Holm)", "conv_random_init_max": "random-init max S",
+        "layer": "layer", "conv_verdict": "verdict", "conv_dilation": "dilation",
+        "conv_verdict_stability": "verdict stability", "conv_like_fraction": "conv-like in replicates",
+        "conv_score": "grid score S", "conv_score_lo": "S 2.5 %", "conv_score_hi": "S 97.5 %",
+        "conv_n_local": "local heads", "conv_num_heads": "heads", "conv_n_covered": "kernel offsets covered",
+        "conv_kernel_size": "K", "conv_n_taps": "distinct taps", "conv_null_q99": "null 99 %",
+        "conv_effect_size": "effect size", "conv_p_value": "p", "conv_random_init_max": "random-init max S",
     }
     shown = t[[k for k in cols if k in t.columns]].rename(columns=cols)
     seeds = meta.get("conv_null_seeds", 0)
@@ -107,26 +106,23 @@ def convlike_section(cl: Any, meta: dict[str, Any]) -> dict[str, str]:
         "heads jointly act like a K×K convolution — each head local and centred on a distinct offset "
         "of the K×K kernel grid around the query — and this fades with depth.</p>"
         f"<p><b>Verdict.</b> {html.escape(cl.summary())}</p>"
-        "<p class='note'><b>Statistics.</b> A head is local when 90 % of its measured attention lies within "
-        f"{c.r_local} patches of its centre Δ. <i>Distinct taps</i>: local heads whose centre lies within "
-        f"{c.window(int(t['conv_kernel_size'].iloc[0])) if len(t) else ''} patches of the query per axis "
-        f"(the K×K kernel at dilation up to 2, plus half a patch), centres closer than {c.tap_separation} patch "
-        "merged (single linkage); S taps = #taps / min(H, K²). <i>Lattice alignment</i>: local heads matched "
-        "one-to-one to the K×K lattice of integer offsets (scipy's linear_sum_assignment), "
-        f"S lattice = (1/min(H, K²)) Σ exp(−d²/2τ²), τ = {c.tolerance} patch, against null (b): the layer's "
-        f"heads with centres redrawn uniformly in the kernel window ({c.n_null} draws; p Holm-corrected over "
-        f"layers); {null_a}. "
-        + ("<b>Calibration: taps</b> (default). <b>Conv-like</b>: S taps ≥ "
-           f"{c.min_score} and above every random-init score — the heads attend to distinct offsets around the "
-           "query, which is what Theorem 1 needs to express a convolution on those offsets; the lattice p-value "
-           "asks the narrower question whether the offsets sit on the unit integer grid, and is reported "
-           "alongside. " if c.calibration == "taps" else
-           f"<b>Calibration: lattice</b> (the first one). <b>Conv-like</b>: Holm p &lt; {c.level}, S lattice ≥ "
-           f"{c.min_score} and above every random-init score. ")
-        + "<b>Non-local</b>: fewer than half the heads local; otherwise <b>local but not grid</b>. "
+        "<p class='note'><b>Statistics.</b> A head is local when 90 % of its measured attention (over the "
+        "queries whose target lies on the patch grid) lies within "
+        f"{c.r_local:g} patches of its centre Δ. <i>Grid score</i> at dilation d: the local heads matched "
+        "one-to-one to the K×K lattice of pixel offsets d·{−(K−1)/2, …, (K−1)/2}² around the query "
+        f"(scipy's linear_sum_assignment), S = (1/min(H, K²)) Σ exp(−dist²/2τ²), τ = {c.tolerance:g} patch. "
+        f"<i>Null</i>: the same number of local heads with centres uniform in the kernel's window and at least "
+        f"as far apart as the layer's own ({c.n_null} draws); p is Bonferroni over the dilations "
+        f"{', '.join(map(str, c.dilations))} whose kernel fits the grid, and each layer is its own test (no "
+        f"correction across layers, so a verdict does not depend on which layers were analysed); {null_a}. "
+        f"<b>Conv-like</b>: p &lt; {c.level:g}, S ≥ {c.min_score:g} and above every random-init score. "
+        "<b>Non-local</b>: fewer than half the heads local; otherwise <b>local but not grid</b>. "
+        "<i>Distinct taps</i> (descriptive): local heads at distinct offsets near the query — random local "
+        "scatter has many, so it is not evidence of a grid. "
         f"<b>Stability</b>: the fraction of uncertainty replicates (the bootstrap standard errors of Δ and α) "
         f"whose verdict is the same; a verdict below {c.min_stability:.0%} that involves conv-like is "
-        "reported as <b>borderline</b>.</p>"
+        "reported as <b>borderline</b>; when the attention does not depend on the image the verdict is "
+        "deterministic and no stability is shown. Size and power: bench/RESULTS-convtest.md.</p>"
     )
     fig = plots.to_data_uri(plot_convlike(cl))
     return {"title": "Do early layers act like convolutions?",
