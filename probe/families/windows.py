@@ -11,6 +11,11 @@ functions here scatter each window's ``(M^2, M^2)`` probabilities into the stage
 ``(H W, H W)`` matrix at the image positions of its tokens, zero between tokens that share no
 window.
 
+The same scatter serves MaxViT's block windows (Swin's layout without shift) and its dilated grid
+windows (:func:`grid_positions`), several window kinds of one layer at once
+(:func:`emit_partitions`), and HaloNet's query blocks whose keys are the block plus a halo
+(``windows_to_dense(..., key_positions=...)``, padding dropped), for :mod:`.timm_hybrids`.
+
 No rule registers here; this module imports nothing from :mod:`probe.capture`.
 """
 
