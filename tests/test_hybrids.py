@@ -90,7 +90,8 @@ def value_rows(kind: str, module: nn.Module, head: int) -> slice:
         return slice(head * 3 * dh + 2 * dh, (head + 1) * 3 * dh) if module.head_first \
             else slice((2 * heads + head) * dh, (2 * heads + head + 1) * dh)
     if kind == "bot":
-        return slice(2 * module.dim_out_qk + head * module.dim_head_v, 2 * module.dim_out_qk + (head + 1) * module.dim_head_v)
+        start = 2 * module.dim_out_qk + head * module.dim_head_v  # qkv channels [q | k | v], v head-major
+        return slice(start, start + module.dim_head_v)
     width = module.dim_head_qk + module.dim_head_v  # halo: kv channels [k_h | v_h] per head
     return slice(head * width + module.dim_head_qk, (head + 1) * width)
 
@@ -240,7 +241,8 @@ def test_maxvit_block_and_grid_attention_match_explicit_math(name, kwargs, size)
     assert all(a.fused_attn == timm.layers.use_fused_attn() for a in attns)  # restored
 
 
-@pytest.mark.parametrize("name,kwargs", [("maxvit_tiny_tf_224", {}), ("maxvit_nano_rw_256", {"transformer_use_nchw_attn": True}),
+@pytest.mark.parametrize("name,kwargs", [("maxvit_tiny_tf_224", {}),
+                                         ("maxvit_nano_rw_256", {"transformer_use_nchw_attn": True}),
                                          ("maxvit_tiny_pm_256", {"transformer_grid_size": 4})],
                          ids=["cl", "nchw", "parallel"])
 def test_maxvit_head_gates(name, kwargs):
@@ -429,7 +431,8 @@ def halo_oracle(mod: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 HALOS = [
     (dict(num_heads=2, block_size=4, halo_size=1, qkv_bias=True), (32, 32)),
     (dict(num_heads=2, block_size=4, halo_size=2, dim_head=4, qk_ratio=0.5, scale_pos_embed=True), (32, 48)),
-    (dict(num_heads=2, block_size=3, halo_size=1, stride=2, avg_down=True), (24, 36)),  # full-res attention, then pooled
+    # stride 2 with avg_down: full-resolution attention, pooled afterwards
+    (dict(num_heads=2, block_size=3, halo_size=1, stride=2, avg_down=True), (24, 36)),
 ]
 
 
@@ -506,3 +509,27 @@ def test_lambda_layers_refused_by_name():
     assert layers and {l.rule.name for l in layers} == {"timm-lambda (refused)"}
     with pytest.raises(CaptureError, match="lambda layers have no attention map"):
         probe.analyze(model, torch.rand(1, 3, 128, 128), data_overrides={"input_size": (3, 128, 128)}, **QUIET)
+
+
+# --------------------------------------------------------------------------- dense maps in pieces
+@pytest.mark.parametrize("family", ["maxvit-parallel", "halonet"])
+def test_dense_maps_in_pieces_are_the_whole_map(family, monkeypatch):
+    """With at most one image per emitted piece (windows.DENSE_CHUNK_BYTES), the pieces arrive in
+    image order and concatenate to the map emitted at once."""
+    import probe.families.windows as windows
+
+    if family == "halonet":
+        torch.manual_seed(0)
+        model, size = TinyHaloNet(num_heads=2, block_size=4, halo_size=1).eval(), (32, 32)
+    else:
+        model, size = maxvit("maxvit_tiny_pm_256", transformer_grid_size=4), (64, 64)
+    x = torch.rand(3, 3, *size)
+    layers = find_attention_layers(model, (3, *size))
+    whole = capture(model, x, layers)
+    pieces: dict[int, list] = {l.index: [] for l in layers}
+    monkeypatch.setattr(windows, "DENSE_CHUNK_BYTES", 1)
+    with AttentionCapture(layers, lambda i, a: pieces[i].append(a.clone())), torch.no_grad():
+        model(x)
+    for layer in layers:
+        assert [p.shape[0] for p in pieces[layer.index]] == [1, 1, 1]
+        torch.testing.assert_close(torch.cat(pieces[layer.index]), whole[layer.index], atol=0, rtol=0)
