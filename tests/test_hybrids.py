@@ -258,6 +258,7 @@ def test_maxvit_head_gates(name, kwargs):
     check_gates(model, layer, torch.rand(2, 3, 64, 64), "maxxvit", owner)
 
 
+@pytest.mark.slow
 def test_maxvit_analyze_runs_with_attribution():
     model = maxvit("maxvit_rmlp_pico_rw_256")
     res = probe.analyze(model, torch.rand(2, 3, 64, 64), data_overrides={"input_size": (3, 64, 64)},
