@@ -17,6 +17,9 @@ Importing this package (done by :mod:`probe`) registers every family's capture r
 * :mod:`.timm_zoo` — SAM ViT (global and window attention), CSATv2, and named refusals for timm
   families probe cannot analyse (Hiera, MViTv2, EfficientViT, MobileViTv2, CoaT, VOLO outlookers,
   EdgeNeXt / DaViT channel attention, DaViT windows);
+* :mod:`.timm_hybrids` — convolution-attention hybrids: MaxViT block and grid attention (mapped back
+  to the stage grid), CoAtNet, BoTNet, HaloNet (blocks + halo mapped back), Lambda networks refused;
+* :mod:`.taps` — reads the output of a module's own softmax call while it runs (no rule of its own);
 * :mod:`.torch_nn` — ``nn.MultiheadAttention`` (``nn.TransformerEncoderLayer``, torchvision ViT,
   user modules) with per-head weights and the fused fast path switched off;
 * :mod:`.torchvision_swin` — torchvision Swin v1 / v2 (``ShiftedWindowAttention(V2)``): window
@@ -30,6 +33,7 @@ Importing this package (done by :mod:`probe`) registers every family's capture r
 How to add a rule for a new attention module: :mod:`probe.capture` and ``docs/capture.md``.
 """
 
-from . import cordonnier, functional, gating, hf, hf_data2vec, hf_swin, timm_extra, timm_zoo, torch_nn, torchvision_swin, windows  # noqa: F401
+from . import cordonnier, functional, gating, hf, hf_data2vec, hf_swin, taps, timm_extra, timm_hybrids, timm_zoo, torch_nn, torchvision_swin, windows  # noqa: F401
 
-__all__ = ["cordonnier", "functional", "gating", "hf", "hf_data2vec", "hf_swin", "timm_extra", "timm_zoo", "torch_nn", "torchvision_swin", "windows"]
+__all__ = ["cordonnier", "functional", "gating", "hf", "hf_data2vec", "hf_swin", "taps", "timm_extra", "timm_hybrids", "timm_zoo",
+           "torch_nn", "torchvision_swin", "windows"]

@@ -84,9 +84,11 @@ def scale_heads(t: torch.Tensor, gate: torch.Tensor, num_heads: int, where: str,
 
 
 def gate_linear_input(linear: nn.Module, num_heads: int, get_gate: GetGate, where: str,
-                      windows: bool = False) -> Restore:
+                      windows: bool = False, channels_first: bool = False) -> Restore:
     """Gate heads by a forward pre-hook on the output projection ``linear``, whose first input
-    ``(B, ..., H·D)`` holds the heads' outputs head-major (:func:`apply_gate`).
+    ``(B, ..., H·D)`` holds the heads' outputs head-major (:func:`apply_gate`); with
+    ``channels_first`` the projection is a 1x1 convolution whose input is ``(B, H·D, h, w)``
+    (timm MaxViT / CoAtNet ``Attention2d``).
 
     Returns:
         A callable that removes the hook.
@@ -96,7 +98,10 @@ def gate_linear_input(linear: nn.Module, num_heads: int, get_gate: GetGate, wher
         gate = get_gate()
         if gate is None:
             return None
-        return (apply_gate(args[0], gate, num_heads, where, windows), *args[1:])
+        x = args[0]
+        if channels_first:
+            return (apply_gate(x.movedim(1, -1), gate, num_heads, where, windows).movedim(-1, 1), *args[1:])
+        return (apply_gate(x, gate, num_heads, where, windows), *args[1:])
 
     return linear.register_forward_pre_hook(pre_hook).remove
 

@@ -34,29 +34,25 @@ scales head ``h`` of the probabilities before they multiply the values
 (:func:`~.gating.scale_heads`, equivalent by linearity, see there), each image's gate row repeated
 over its windows; at gate 1 the output is bit-identical.
 
-Capture and gates of one module share one wrapped ``forward`` (installed with the first, removed
-with the last, in any order), so the module is left exactly as found.
+Capture and gates of one module share one wrapped ``forward`` (:func:`.taps.tapped`, installed with
+the first, removed with the last, in any order), so the module is left exactly as found.
 """
 
 from __future__ import annotations
 
-import weakref
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
-from ..capture import CaptureRule, Emit, Restore, override_attribute, register_rule
+from ..capture import CaptureRule, Emit, Restore, register_rule
 from ..errors import CaptureError
+from .taps import tapped
 from .windows import check_windows_tile, emit_windows
 
 #: torchvision's module and attention classes this rule captures.
 TV_MODULE = "torchvision.models.swin_transformer"
 TV_CLASSES = ("ShiftedWindowAttention", "ShiftedWindowAttentionV2")
-
-_SOFTMAXES = (F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax)
 
 
 def _is_tv_swin_attention(module: nn.Module) -> bool:
@@ -75,81 +71,14 @@ def effective_shift(grid: tuple[int, int], window: tuple[int, int], shift: tuple
     return tuple(0 if m >= g else int(s) for g, m, s in zip(grid, window, shift))  # type: ignore[return-value]
 
 
-class _SoftmaxTap(TorchFunctionMode):
-    """Passes every torch call through; the first softmax whose output is ``(B·windows, heads,
-    n, n)`` goes to ``on_probs``, whose return value (the same tensor, or gated) replaces it."""
-
-    def __init__(self, n: int, on_probs: Callable[[torch.Tensor], torch.Tensor]):
-        super().__init__()
-        self.n, self.on_probs, self.done = n, on_probs, False
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if (not self.done and func in _SOFTMAXES and isinstance(out, torch.Tensor) and out.dim() == 4
-                and out.shape[-1] == self.n and out.shape[-2] == self.n):
-            self.done = True
-            out = self.on_probs(out)
-        return out
+def _window_softmax(module: nn.Module, out: torch.Tensor) -> bool:
+    """The window softmax of ``shifted_window_attention``: output ``(B·windows, heads, M², M²)``."""
+    n = int(module.window_size[0]) * int(module.window_size[1])
+    return out.dim() == 4 and out.shape[-1] == n and out.shape[-2] == n
 
 
-class _Wrapped:
-    """The shared ``forward`` wrapper of one attention module: capture ``before`` / ``emit``
-    callbacks and gate getters; installed with the first listener, removed with the last."""
-
-    def __init__(self, module: nn.Module):
-        self.module = weakref.ref(module)
-        self.captures: list[tuple[Callable, Callable]] = []  # (before(x), on_probs(probs, x))
-        self.gates: list[Callable[[torch.Tensor], torch.Tensor]] = []
-        self.restore: Restore | None = None
-
-    def _ensure(self, module: nn.Module) -> None:
-        if self.restore is not None:
-            return
-        original = module.forward
-
-        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            for before, _ in list(self.captures):
-                before(x)
-            n = int(module.window_size[0]) * int(module.window_size[1])
-
-            def on_probs(probs: torch.Tensor) -> torch.Tensor:
-                for _, seen in list(self.captures):
-                    seen(probs, x)
-                for gate in list(self.gates):
-                    probs = gate(probs)
-                return probs
-
-            with _SoftmaxTap(n, on_probs):
-                return original(x, *args, **kwargs)
-
-        self.restore = override_attribute(module, "forward", forward)
-
-    def add(self, kind: str, item: Any) -> Restore:
-        module = self.module()
-        self._ensure(module)
-        target = self.captures if kind == "capture" else self.gates
-        target.append(item)
-
-        def remove() -> None:
-            for i, other in enumerate(target):
-                if other is item:
-                    del target[i]
-                    break
-            if not self.captures and not self.gates and self.restore is not None:
-                self.restore()
-                self.restore = None
-                _WRAPPED.pop(module, None)
-
-        return remove
-
-
-_WRAPPED: "weakref.WeakKeyDictionary[nn.Module, _Wrapped]" = weakref.WeakKeyDictionary()
-
-
-def _wrapped(module: nn.Module) -> _Wrapped:
-    if module not in _WRAPPED:
-        _WRAPPED[module] = _Wrapped(module)
-    return _WRAPPED[module]
+def _wrapped(module: nn.Module):
+    return tapped(module, _window_softmax)
 
 
 def _pair(v: Any) -> tuple[int, int]:

@@ -11,6 +11,11 @@ functions here scatter each window's ``(M^2, M^2)`` probabilities into the stage
 ``(H W, H W)`` matrix at the image positions of its tokens, zero between tokens that share no
 window.
 
+The same scatter serves MaxViT's block windows (Swin's layout without shift) and its dilated grid
+windows (:func:`grid_positions`), several window kinds of one layer at once
+(:func:`emit_partitions`), and HaloNet's query blocks whose keys are the block plus a halo
+(``windows_to_dense(..., key_positions=...)``, padding dropped), for :mod:`.timm_hybrids`.
+
 No rule registers here; this module imports nothing from :mod:`probe.capture`.
 """
 
@@ -52,25 +57,41 @@ def window_positions(
     return pos.reshape(-1, mh * mw)
 
 
-def windows_to_dense(attn: torch.Tensor, positions: torch.Tensor, num_tokens: int) -> torch.Tensor:
+def windows_to_dense(attn: torch.Tensor, positions: torch.Tensor, num_tokens: int,
+                     key_positions: torch.Tensor | None = None) -> torch.Tensor:
     """Scatter per-window attention into the full attention matrix of the stage.
 
     Args:
-        attn: ``(batch * num_windows, heads, N, N)`` window attention (image-major).
-        positions: ``(num_windows, N)`` from :func:`window_positions`.
+        attn: ``(batch * num_windows, heads, N, K)`` window attention (image-major); ``K = N``
+            unless ``key_positions`` is given.
+        positions: ``(num_windows, N)`` image positions of each window's queries (and keys), from
+            :func:`window_positions` or :func:`grid_positions`.
         num_tokens: ``H * W``.
+        key_positions: ``(num_windows, K)`` image positions of each window's keys when they differ
+            from the queries' (HaloNet's block + halo); entries ``< 0`` are padding and dropped.
 
     Returns:
         ``(batch, heads, H W, H W)``; zero where query and key share no window.
     """
     nw, n = positions.shape
+    keys = positions if key_positions is None else key_positions
+    k = keys.shape[1]
     b = attn.shape[0] // nw
     heads = attn.shape[1]
-    flat = (positions[:, :, None] * num_tokens + positions[:, None, :]).reshape(-1)
-    win = attn.reshape(b, nw, heads, n, n).permute(0, 2, 1, 3, 4).reshape(b, heads, nw * n * n)
+    flat = (positions[:, :, None] * num_tokens + keys[:, None, :]).reshape(-1)
+    win = attn.reshape(b, nw, heads, n, k).permute(0, 2, 1, 3, 4).reshape(b, heads, nw * n * k)
+    if key_positions is not None:
+        real = (keys[:, None, :] >= 0).expand(nw, n, k).reshape(-1)
+        flat, win = flat[real], win[:, :, real]
     dense = attn.new_zeros(b, heads, num_tokens * num_tokens)
     dense[:, :, flat] = win
     return dense.view(b, heads, num_tokens, num_tokens)
+
+
+def images_per_piece(heads: int, tokens: int, element_size: int) -> int:
+    """How many images' dense ``(heads, tokens, tokens)`` maps fit in :data:`DENSE_CHUNK_BYTES`
+    (at least 1)."""
+    return max(1, DENSE_CHUNK_BYTES // max(heads * tokens * tokens * element_size, 1))
 
 
 def check_windows_tile(grid: tuple[int, int], window: tuple[int, int], where: str = "Swin block") -> None:
@@ -89,6 +110,85 @@ def check_windows_tile(grid: tuple[int, int], window: tuple[int, int], where: st
         )
 
 
+def grid_positions(grid: tuple[int, int], partition: tuple[int, int],
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """Image position of every token of every MaxViT *grid* window (dilated, strided partition).
+
+    MaxViT's grid attention (Tu et al. 2022, arXiv 2204.01697, Sec. 3.2; timm ``grid_partition``)
+    views the ``(H, W)`` grid as ``(G, H/G, G, W/G)`` and forms one window per offset
+    ``(a, b) in [0, H/G) x [0, W/G)`` (row-major) of the ``G x G`` tokens ``(i·H/G + a, j·W/G + b)``,
+    ``i, j`` row-major: each window spans the whole grid with stride ``H/G``.
+
+    Args:
+        grid: ``(H, W)`` tokens of the stage, multiples of ``partition``.
+        partition: ``(Gh, Gw)`` grid size (tokens per window along each axis).
+
+    Returns:
+        long tensor ``(num_windows, Gh * Gw)`` of row-major positions ``row * W + col``.
+    """
+    (h, w), (gh, gw) = grid, partition
+    sh, sw = h // gh, w // gw  # stride between the tokens of one window
+    rows = torch.arange(gh, device=device)[:, None] * sh + torch.arange(sh, device=device)[None, :]  # (i, a)
+    cols = torch.arange(gw, device=device)[:, None] * sw + torch.arange(sw, device=device)[None, :]  # (j, b)
+    pos = rows[:, :, None, None] * w + cols[None, None, :, :]  # (i, a, j, b)
+    return pos.permute(1, 3, 0, 2).reshape(sh * sw, gh * gw)
+
+
+#: One kind of window attention of a layer: ``(attn (B·windows, heads, N, N), window (Mh, Mw),
+#: shift (Sh, Sw), partition)`` with ``partition`` ``"window"`` (Swin / MaxViT block windows,
+#: :func:`window_positions`) or ``"grid"`` (MaxViT grid windows, :func:`grid_positions`, no shift).
+Part = tuple[torch.Tensor, tuple[int, int], tuple[int, int], str]
+
+
+def emit_partitions(
+    parts: list[Part],
+    grid: tuple[int, int],
+    emit: Callable[[torch.Tensor], None],
+    cache: dict | None = None,
+    where: str = "Swin block",
+) -> None:
+    """Map one forward call's window attention of one or more kinds (their heads concatenated in
+    ``parts`` order, e.g. MaxViT's parallel block + grid attention) to the stage grid and
+    ``emit`` it, a few images at a time (at most :data:`DENSE_CHUNK_BYTES` per piece).
+
+    Args:
+        parts: the window attentions (:data:`Part`), image-major, of the same images.
+        grid: ``(H, W)`` stage grid in tokens.
+        emit: receives ``(images, heads, H W, H W)`` pieces, in image order; ``heads`` is the sum
+            over ``parts``.
+        cache: optional dict reused across calls for the position tables.
+        where: the layer, for error messages.
+
+    Raises:
+        CaptureError: a grid that is not a multiple of a window (:func:`check_windows_tile`), or
+            window attention whose shape does not fit ``grid`` and its window.
+    """
+    (h, w) = grid
+    cache = {} if cache is None else cache
+    tables, images = [], None
+    for attn, window, shift, partition in parts:
+        check_windows_tile(grid, window, where)
+        (mh, mw) = window
+        nw = (h // mh) * (w // mw)
+        if attn.dim() != 4 or attn.shape[-1] != mh * mw or attn.shape[-2] != mh * mw or attn.shape[0] % nw \
+                or (images is not None and attn.shape[0] // nw != images):
+            raise CaptureError(
+                f"{where} gave window attention of shape {tuple(attn.shape)}, which does not fit {nw} windows "
+                f"of {mh}x{mw} tokens on its {h}x{w} grid; choose other --layers"
+            )
+        images = attn.shape[0] // nw
+        key = (h, w, tuple(window), tuple(shift), partition, attn.device)
+        if key not in cache:
+            cache[key] = (grid_positions((h, w), window, attn.device) if partition == "grid"
+                          else window_positions((h, w), window, shift, attn.device))
+        tables.append((attn, cache[key], nw))
+    tokens = h * w
+    step = images_per_piece(sum(int(a.shape[1]) for a, _, _ in tables), tokens, parts[0][0].element_size())
+    for s in range(0, images, step):
+        dense = [windows_to_dense(a[s * nw: (s + step) * nw], pos, tokens) for a, pos, nw in tables]
+        emit(dense[0] if len(dense) == 1 else torch.cat(dense, dim=1))
+
+
 def emit_windows(
     attn: torch.Tensor,
     grid: tuple[int, int],
@@ -97,36 +197,22 @@ def emit_windows(
     emit: Callable[[torch.Tensor], None],
     cache: dict | None = None,
     where: str = "Swin block",
+    partition: str = "window",
 ) -> None:
     """Map one forward call's window attention to the stage grid and ``emit`` it, a few images at
-    a time (at most :data:`DENSE_CHUNK_BYTES` per piece).
+    a time (at most :data:`DENSE_CHUNK_BYTES` per piece): :func:`emit_partitions` of one part.
 
     Args:
         attn: ``(batch * num_windows, heads, Mh Mw, Mh Mw)`` window probabilities, image-major.
         grid: ``(H, W)`` stage grid in tokens; window: ``(Mh, Mw)``; shift: ``(Sh, Sw)`` in tokens.
         emit: receives ``(images, heads, H W, H W)`` pieces, in image order.
-        cache: optional dict reused across calls for the :func:`window_positions` tables.
+        cache: optional dict reused across calls for the position tables.
         where: the layer, for error messages.
+        partition: ``"window"`` (:func:`window_positions`) or ``"grid"`` (MaxViT's grid windows,
+            :func:`grid_positions`; ``window`` is then the grid size and ``shift`` must be 0).
 
     Raises:
         CaptureError: a grid that is not a multiple of the window (:func:`check_windows_tile`), or
             window attention whose shape does not fit ``grid`` and ``window``.
     """
-    check_windows_tile(grid, window, where)
-    (h, w), (mh, mw) = grid, window
-    nw = (h // mh) * (w // mw)
-    if attn.dim() != 4 or attn.shape[-1] != mh * mw or attn.shape[-2] != mh * mw or attn.shape[0] % nw:
-        raise CaptureError(
-            f"{where} gave window attention of shape {tuple(attn.shape)}, which does not fit {nw} windows "
-            f"of {mh}x{mw} tokens on its {h}x{w} grid; choose other --layers"
-        )
-    key = (h, w, tuple(window), tuple(shift), attn.device)
-    cache = {} if cache is None else cache
-    if key not in cache:
-        cache[key] = window_positions((h, w), window, shift, attn.device)
-    pos = cache[key]
-    tokens = h * w
-    per_image = attn.shape[1] * tokens * tokens * attn.element_size()
-    step = max(1, DENSE_CHUNK_BYTES // max(per_image, 1)) * nw
-    for s in range(0, attn.shape[0], step):
-        emit(windows_to_dense(attn[s: s + step], pos, tokens))
+    emit_partitions([(attn, window, shift, partition)], grid, emit, cache, where)
