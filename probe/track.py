@@ -166,6 +166,7 @@ class Tracker:
             raise ProbeError(f"every must be a positive integer number of steps, got {every!r}")
         self.images = probe_images.detach().float().cpu()
         self.every, self.layers, self.conv_config = every, layers, conv_config
+        self.grid: tuple[int, int] | None = None
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self._heads: list[pd.DataFrame] = []
         self._layers: list[pd.DataFrame] = []
@@ -200,6 +201,8 @@ class Tracker:
         finally:
             model.train(was_training)
             torch.set_rng_state(rng)
+        grids = {tuple(st.geometry.grid) for st in result.stats.values()}
+        self.grid = grids.pop() if len(grids) == 1 else None  # the conv test's kernel stays within it
         heads = result.heads[["layer", "head", *[c for c in HEAD_COLUMNS if c in result.heads]]].copy()
         heads.insert(0, "step", int(step))
         layers = result.layers[["layer", *[c for c in LAYER_COLUMNS if c in result.layers]]].copy()
@@ -265,8 +268,8 @@ class Tracker:
             raise ProbeError("the tracker has no records yet; call tracker.step(model, step) in the loop first")
         out = Path(out_dir)
         self.save(out)
-        page = render_training_report(self.heads, rescore(self.heads, self.layers_table, self.conv_config),
-                                      log, meta, title, summary)
+        page = render_training_report(self.heads, rescore(self.heads, self.layers_table, self.conv_config,
+                                                          grid=self.grid), log, meta, title, summary)
         atomic_write_text(out / "training_report.html", page)
         return out / "training_report.html"
 

@@ -91,3 +91,33 @@ def test_verdicts_do_not_depend_on_layers_through_the_pipeline():
         for l in part.index:
             for col in ("conv_verdict", "conv_p_value", "conv_score", "conv_dilation"):
                 assert part.loc[l, col] == full.loc[l, col], (layers, l, col)
+
+
+def test_planted_layers_through_the_public_api():
+    """A position-only model with planted Δ, α (α = 5) per layer, analysed by probe.analyze:
+    exact grid -> conv-like; dilated grid -> conv-like (dilation 2); random scatter, one shared
+    offset, a line and far sharp heads -> not conv-like; far sharp heads are local."""
+    from probe.analyses.convlike import kernel_lattice
+    from probe.cordonnier import CordonnierViT
+
+    rng = np.random.default_rng(21)
+    lat = kernel_lattice(3)
+    layers = [
+        lat,                                                          # the 3x3 kernel
+        2 * lat,                                                      # dilated
+        rng.uniform(-2.5, 2.5, (9, 2)),                               # random scatter
+        np.tile([[0.0, 1.0]], (9, 1)) + rng.normal(0, 0.05, (9, 2)),  # one shared offset
+        np.outer(np.linspace(-2, 2, 9), [0.6, 0.8]),                  # a line
+        rng.uniform(5, 7, (9, 2)) * rng.choice([-1, 1], (9, 2)),      # far sharp heads
+    ]
+    torch.manual_seed(0)
+    model = CordonnierViT(dim=18, depth=len(layers), num_heads=9, mlp_dim=18).eval()
+    with torch.no_grad():
+        for blk, d in zip(model.blocks, layers):
+            blk.attn.centers.copy_(torch.as_tensor(d, dtype=torch.float32))
+            blk.attn.alpha_raw.fill_(5.0)
+    res = probe.analyze(model, torch.randn(2, 3, 32, 32), attribution="none", null_seeds=0, progress=False)
+    t = res.layers.set_index("layer")
+    assert t.conv_verdict.tolist() == ["conv-like", "conv-like"] + ["local but not grid"] * 4
+    assert t.conv_dilation.tolist()[:2] == [1, 2]
+    assert t.loc[5, "conv_n_local"] == 9

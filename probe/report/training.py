@@ -44,6 +44,10 @@ grey dots: the unit offsets of a 3×3 kernel. Same axes for every layer.</p>
 <h2 id="per-layer">Per layer against training step</h2>
 <img alt="per-layer statistics against step" src="{{ figures.layers }}">
 {% if figures.training %}<h2 id="training">Training curves</h2><img alt="training curves" src="{{ figures.training }}">{% endif %}
+{% if trajectory_table %}<h2 id="trajectory">Conv test over the last half of training</h2>
+<p>Each record's heads judged by the conv test (probe.analyses.convlike); the fraction of the records in the
+second half of the run that call the layer conv-like, and the verdict at the last record.</p>
+{{ trajectory_table | safe }}{% endif %}
 <h2 id="final">Last record, per layer</h2>
 {{ final_table | safe }}
 </body></html>
@@ -159,8 +163,14 @@ def render_training_report(heads: pd.DataFrame, layers_table: pd.DataFrame, log:
     figures = {"centres": to_data_uri(centres_figure(heads)), "layers": to_data_uri(layers_figure(layers_table)),
                "training": to_data_uri(training_figure(log)) if log is not None and len(log) else None}
     last = layers_table[layers_table.step == layers_table.step.max()]
+    trajectory = None
+    if "conv_verdict" in layers_table and layers_table["conv_verdict"].notna().any():
+        from ..track import trajectory_verdicts
+
+        tv = trajectory_verdicts(layers_table.dropna(subset=["conv_verdict"]), last=0.5)
+        trajectory = tv.to_html(index=False, border=0, float_format=lambda x: f"{x:.2f}")
     env = Environment(autoescape=select_autoescape(default_for_string=True))
     return env.from_string(_TEMPLATE).render(
         title=title, summary=summary, meta={k: str(v) for k, v in (meta or {}).items()}, figures=figures,
         final_table=last.to_html(index=False, border=0, float_format=lambda x: f"{x:.3f}", na_rep="–")
-        if len(last) else html.escape("no records"))
+        if len(last) else html.escape("no records"), trajectory_table=trajectory)
