@@ -45,7 +45,7 @@ from scipy.stats import beta
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from probe.analyses.convlike import (ConvLikeConfig, LayerFit, convlike_test, default_kernel_size,  # noqa: E402
+from probe.analyses.convlike import (ConvLikeConfig, LayerFit, candidate_kernels, convlike_test,  # noqa: E402
                                      grid_test, kernel_lattice)
 
 GRID = (16, 16)
@@ -62,11 +62,11 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
 def decide(delta: np.ndarray, local: np.ndarray, cfg: ConvLikeConfig, cache: dict) -> tuple[bool, int]:
     """The test's verdict rule on one planted layer: ``(conv-like?, dilation)``."""
     h = delta.shape[0]
-    k = cfg.kernel_size or default_kernel_size(h, GRID)
-    r = grid_test(delta, local, k, grid=GRID, config=cfg, cache=cache)
+    ks = (cfg.kernel_size,) if cfg.kernel_size else candidate_kernels(h, GRID)
+    r = grid_test(delta, local, ks, grid=GRID, config=cfg, cache=cache)
     enough = local.sum() >= max(1, math.ceil(cfg.min_local_fraction * h))
     ok = bool(enough and np.isfinite(r["p"]) and r["p"] < cfg.level and r["score"] >= cfg.min_score)
-    return ok, int(r["dilation"])
+    return ok, int(r["dilation"]) if r["kernel_size"] == 3 else 10 * int(r["kernel_size"]) + int(r["dilation"])
 
 
 # -- planted families ----------------------------------------------------------------------------
@@ -160,6 +160,8 @@ ALTERNATIVES = {
     "3 heads on 3 distinct kernel offsets, σ=0.15": lattice(3, 0.15, subset=3),
     "5×5 grid of 25 heads, σ=0.15": lattice(5, 0.15),
     "16 heads: 9 on the 3×3 grid (σ 0.15) + 7 local at random": lattice(3, 0.15, extra_local=7),
+    "16 heads on the 4×4 half-integer grid (σ 0.1)": lattice(4, 0.1),
+    "4 heads on the 2×2 half-integer grid (σ 0.1, ConViT's local init)": lattice(2, 0.1),
 }
 
 
@@ -254,7 +256,8 @@ def markdown(out: dict, cfg: ConvLikeConfig, mc: float) -> str:
     lines += ["", "## Power (grids)", "", "| alternative | layers | called conv-like | 95 % CI | dilation found |",
               "| --- | --- | --- | --- | --- |"]
     for name, r in out["alternatives"].items():
-        dil = ", ".join(f"d={k}: {v}" for k, v in sorted(r["dilations"].items(), key=lambda kv: int(kv[0]))) or "—"
+        dil = ", ".join((f"d={k}" if int(k) < 10 else f"K={int(k) // 10} d={int(k) % 10}") + f": {v}"
+                        for k, v in sorted(r["dilations"].items(), key=lambda kv: int(kv[0]))) or "—"
         lines.append(f"| {name} | {r['n']} | {r['rate']:.3f} | {r['ci95'][0]:.3f}–{r['ci95'][1]:.3f} | {dil} |")
     if out["e2e"]:
         lines += ["", "## End to end (planted attention maps, α = 5, through probe's fits and on-grid r90)", "",

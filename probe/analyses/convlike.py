@@ -37,8 +37,11 @@ Definitions (defaults in :class:`ConvLikeConfig`):
   ``S_d = min(1, Σ k / n_target)``. ``S_d = 1`` iff ``n_target`` local heads sit exactly on distinct
   lattice points; a head half a patch off counts ``exp(−2) = 0.14``; two heads on one point count
   once; non-local heads count 0.
+* **Hypotheses**: every candidate kernel (:func:`candidate_kernels`: the default ``K`` and, when it
+  is larger, also 3 — 16 heads of which 9 form a 3x3 kernel act like a 3x3 convolution) at every
+  dilation that fits the grid. Each is judged on the local heads inside its window (below).
 * **Null hypothesis** (the arrangement of the centres, conditioned on locality and spread): the
-  layer's ``m`` local heads have centres drawn uniformly in the kernel window ``[−w_d, w_d]²``,
+  ``m`` local heads inside the kernel window ``[−w_d, w_d]²`` have centres drawn uniformly in it,
   ``w_d = d·(K − 1)/2 + 1/2`` (the lattice's extent plus half a patch: the window in which random
   centres are most often near lattice points; wider windows, clusters, lines and mixtures of local
   and global heads score lower), by random sequential addition at least ``s`` patches apart, ``s``
@@ -46,10 +49,12 @@ Definitions (defaults in :class:`ConvLikeConfig`):
   down to 0.05, capped so that the centres fit). Without that condition, heads that are merely
   spread out at distinct offsets inside the kernel window (a hard-core arrangement) score higher
   than independent ones and were called conv-like up to 4 times too often. ``n_null`` Monte-Carlo draws give
-  ``p_d = (1 + #{S_null >= S_d}) / (n_null + 1)``; the layer's p-value is Bonferroni over the tested
-  dilations, ``p = min(1, |D| · min_d p_d)``, and its dilation the ``d`` of the smallest ``p_d``.
-  The draws are seeded by the layer's own shape (``m``, ``n_target``, ``K``, ``d``) and
-  ``config.seed``, so a layer's p-value does not depend on which other layers were analysed.
+  ``p_h = (1 + #{S_null >= S_h}) / (n_null + 1)`` per hypothesis ``h = (K, d)``; the layer's p-value
+  is Bonferroni over them, ``p = min(1, #h · min_h p_h)``, and its kernel and dilation those of the
+  smallest ``p_h``. The draws are seeded by the layer's own shape (``m``, ``n_target``, ``K``,
+  ``d``, separation) and ``config.seed``, so a layer's p-value does not depend on which other
+  layers were analysed. Heads outside the window count neither in the score nor in the null:
+  given how many heads fall in the kernel's window, are they on its grid?
 * **Verdict per layer**: ``"non-local"`` if fewer than ``ceil(min_local_fraction · H)`` heads are
   local; ``"conv-like"`` if ``p < level`` (0.01) *and* ``S_d >= min_score`` (0.5: at least about
   half of the kernel's taps covered) *and* ``S_d`` beats every random-init copy of the layer
@@ -110,6 +115,8 @@ __all__ = [
     "convlike_score",
     "grid_scores",
     "grid_test",
+    "candidate_kernels",
+    "in_window",
     "null_scores",
     "holm",
     "convlike_test",
@@ -581,9 +588,22 @@ def _tested_dilations(k: int, grid: tuple[int, int] | None, config: "ConvLikeCon
     return tuple(d for d in config.dilations if fits_grid(k, d, grid))
 
 
+def in_window(delta, local, kernel_size: int, dilation: int) -> np.ndarray:
+    """Local heads whose centre lies in the null's window ``[−w, w]²`` (:func:`null_window`) of
+    the ``K x K`` kernel at ``dilation``: the heads the grid test of that kernel judges.
+
+    Returns:
+        boolean ``(H,)``.
+    """
+    d, loc = _delta_and_mask(delta, local)
+    w = null_window(kernel_size, dilation)
+    return loc & (np.abs(d).max(1) <= w + 1e-9)
+
+
 def grid_scores(delta, local, kernel_size: int, dilations: Sequence[int] = (1, 2), *,
                 tolerance: float = 0.25) -> dict[int, float]:
-    """Grid score ``S_d`` of one layer at every dilation ``d`` (module docstring).
+    """Grid score ``S_d`` of one layer at every dilation ``d`` (module docstring), over the local
+    heads inside each dilation's window (:func:`in_window`).
 
     Args:
         delta: ``(H, 2)`` centres in patches. local: ``(H,)`` boolean local mask.
@@ -596,8 +616,22 @@ def grid_scores(delta, local, kernel_size: int, dilations: Sequence[int] = (1, 2
         ProbeError: on mismatched shapes.
     """
     d, loc = _delta_and_mask(delta, local)
-    return {int(dl): float(_scores_from_masks(d[None], loc[None].astype(np.float64), kernel_size, tolerance,
-                                              int(dl))[0]) for dl in dilations}
+    out = {}
+    for dl in dilations:
+        inside = in_window(d, loc, kernel_size, int(dl))
+        out[int(dl)] = float(_scores_from_masks(d[None], inside[None].astype(np.float64), kernel_size,
+                                                tolerance, int(dl))[0])
+    return out
+
+
+def candidate_kernels(num_heads: int, grid: tuple[int, int] | None = None) -> tuple[int, ...]:
+    """Kernel sizes tested for a layer: :func:`default_kernel_size` and, when that is larger, also
+    3 (a layer of 16 or 25 heads whose 9 local heads form a 3x3 kernel acts like a 3x3
+    convolution); those that fit the grid."""
+    k = default_kernel_size(num_heads, grid)
+    if not k:
+        return ()
+    return tuple(sorted({k, 3})) if k > 3 and (grid is None or min(grid) >= 3) else (k,)
 
 
 def convlike_score(
@@ -613,12 +647,12 @@ def convlike_score(
     grid: tuple[int, int] | None = None,
     **_legacy,
 ) -> float:
-    """Grid score of one layer, ``max_d S_d`` over the dilations whose kernel fits ``grid``
-    (module docstring); 0 when none does.
+    """Grid score of one layer, ``max S`` over the candidate kernels (:func:`candidate_kernels`)
+    and the dilations whose kernel fits ``grid`` (module docstring); 0 when none does.
 
     Args:
         delta: ``(H, 2)`` centres (patches). alpha: ``(H,)`` 1/patch^2, or r90: ``(H,)`` patches.
-        kernel_size: ``K`` (default :func:`default_kernel_size`). r_local, mass, tolerance,
+        kernel_size: ``K`` (default: :func:`candidate_kernels`). r_local, mass, tolerance,
             dilations: see :class:`ConvLikeConfig`. grid: the patch grid ``(rows, cols)``.
 
     Returns:
@@ -628,12 +662,14 @@ def convlike_score(
         ProbeError: on bad shapes or when neither alpha nor r90 is given.
     """
     d = _as_delta(delta)
-    k = kernel_size or default_kernel_size(d.shape[0], grid)
+    ks = (kernel_size,) if kernel_size else candidate_kernels(d.shape[0], grid)
     loc = local_heads(alpha, r90=r90, r_local=r_local, mass=mass)
-    tested = [dl for dl in dilations if k >= 1 and fits_grid(k, dl, grid)]
-    if not tested:
-        return 0.0
-    return max(grid_scores(d, loc, k, tested, tolerance=tolerance).values())
+    best = 0.0
+    for k in ks:
+        tested = [dl for dl in dilations if k >= 1 and fits_grid(k, dl, grid)]
+        if tested:
+            best = max(best, *grid_scores(d, loc, k, tested, tolerance=tolerance).values())
+    return best
 
 
 def null_window(kernel_size: int, dilation: int) -> float:
@@ -733,46 +769,58 @@ def null_scores(n_local: int, n_target: int, kernel_size: int, dilation: int = 1
     return out
 
 
-def grid_test(delta, local, kernel_size: int, *, grid: tuple[int, int] | None = None,
+def grid_test(delta, local, kernel_size: int | Sequence[int], *, grid: tuple[int, int] | None = None,
               config: ConvLikeConfig = ConvLikeConfig(), cache: dict | None = None) -> dict:
-    """The grid test of one layer (module docstring): scores, per-dilation and combined p-values.
+    """The grid test of one layer (module docstring): scores, per-hypothesis and combined p-values.
+
+    Each hypothesis is a kernel ``K`` (``kernel_size``, or several) at a dilation ``d`` of
+    ``config.dilations`` whose kernel fits ``grid``: the local heads inside its window
+    (:func:`in_window`) are scored against its lattice and against ``n_null`` draws of as many
+    centres, as far apart, uniform in the window (:func:`null_scores`).
 
     Args:
         delta: ``(H, 2)`` centres in patches. local: ``(H,)`` boolean local mask.
-        kernel_size: ``K`` (0: not tested). grid: the patch grid, limiting the dilations.
+        kernel_size: ``K`` or a sequence of them (0: not tested). grid: the patch grid.
         config: thresholds and null settings. cache: a dict reused across calls to keep the null
-            draws of each ``(m, n_target, K, d)`` (they depend on nothing else).
+            draws of each ``(m, n_target, K, d, separation)`` (they depend on nothing else).
 
     Returns:
-        dict with ``p`` (Bonferroni over the tested dilations; NaN when none is tested),
-        ``dilation`` (of the smallest per-dilation p; 0 when none), ``score`` (``S_d`` there),
-        ``scores`` and ``p_d`` (``{d: value}``), ``n_local``, ``n_target`` and ``null`` (the sorted
-        null draws at ``dilation``).
+        dict with ``p`` (Bonferroni over the hypotheses; NaN when none is tested), ``kernel_size``
+        and ``dilation`` of the smallest p (ties: the larger kernel, then the smaller dilation;
+        0 when none), ``score`` (``S`` there), ``scores`` and ``p_d`` (``{(K, d): value}``),
+        ``n_local`` (local heads), ``n_window`` and ``n_target`` there, ``null`` (sorted null draws
+        there) and ``null_for`` (``(K, d) -> null``).
 
     Raises:
         ProbeError: on mismatched shapes.
     """
     d, loc = _delta_and_mask(delta, local)
     cache = {} if cache is None else cache
-    h, k, m = d.shape[0], int(kernel_size), int(loc.sum())
-    n_target = min(h, k * k) if k else 0
-    dils = _tested_dilations(k, grid, config)
+    ks = [int(kernel_size)] if np.isscalar(kernel_size) else [int(k) for k in kernel_size]
+    h, m = d.shape[0], int(loc.sum())
+    hyps = [(k, dl) for k in ks if k for dl in _tested_dilations(k, grid, config)]
 
-    def null_for(dl: int) -> np.ndarray:
-        sep = null_separation(d[loc], k, dl)
-        key = (m, n_target, k, dl, sep, config.seed, config.n_null, config.tolerance)
+    def null_for(hyp: tuple[int, int]) -> np.ndarray:
+        k, dl = hyp
+        inside = in_window(d, loc, k, dl)
+        mw, n_target = int(inside.sum()), min(h, k * k)
+        sep = null_separation(d[inside], k, dl)
+        key = (mw, n_target, k, dl, sep, config.seed, config.n_null, config.tolerance)
         if key not in cache:
-            cache[key] = null_scores(m, n_target, k, dl, config=config, separation=sep)
+            cache[key] = null_scores(mw, n_target, k, dl, config=config, separation=sep)
         return cache[key]
 
-    scores = grid_scores(d, loc, k, dils, tolerance=config.tolerance) if dils else {}
-    p_d = {dl: float(_p_value(null_for(dl), sc)) for dl, sc in scores.items()}
+    scores = {(k, dl): grid_scores(d, loc, k, [dl], tolerance=config.tolerance)[dl] for k, dl in hyps}
+    p_d = {hyp: float(_p_value(null_for(hyp), sc)) for hyp, sc in scores.items()}
     if not p_d:
-        return {"p": float("nan"), "dilation": 0, "score": 0.0, "scores": {}, "p_d": {}, "n_local": m,
-                "n_target": n_target, "null": np.zeros(0), "null_for": null_for}
-    best = min(p_d, key=lambda dl: (p_d[dl], dl))
-    return {"p": min(1.0, len(p_d) * p_d[best]), "dilation": best, "score": scores[best], "scores": scores,
-            "p_d": p_d, "n_local": m, "n_target": n_target, "null": null_for(best), "null_for": null_for}
+        return {"p": float("nan"), "kernel_size": ks[0] if ks else 0, "dilation": 0, "score": 0.0, "scores": {},
+                "p_d": {}, "n_local": m, "n_window": 0, "n_target": min(h, ks[0] ** 2) if ks and ks[0] else 0,
+                "null": np.zeros(0), "null_for": null_for, "hypotheses": []}
+    best = min(p_d, key=lambda hyp: (p_d[hyp], -hyp[0], hyp[1]))
+    k, dl = best
+    return {"p": min(1.0, len(p_d) * p_d[best]), "kernel_size": k, "dilation": dl, "score": scores[best],
+            "scores": scores, "p_d": p_d, "n_local": m, "n_window": int(in_window(d, loc, k, dl).sum()),
+            "n_target": min(h, k * k), "null": null_for(best), "null_for": null_for, "hypotheses": hyps}
 
 
 def _p_value(null_sorted: np.ndarray, score) -> np.ndarray:
@@ -997,41 +1045,44 @@ def convlike_test(
     cache = {} if cache is None else cache
     for layer, fit in fits.items():
         h = fit.num_heads
-        k = config.kernel_size or default_kernel_size(h, fit.grid)
-        if config.kernel_size and fit.grid is not None and k > min(fit.grid):
-            raise ProbeError(f"layer {layer}: a {k}x{k} kernel does not fit its {fit.grid[0]}x{fit.grid[1]} "
-                             f"patch grid; use a kernel size of at most {min(fit.grid)}")
+        if config.kernel_size and fit.grid is not None and config.kernel_size > min(fit.grid):
+            raise ProbeError(f"layer {layer}: a {config.kernel_size}x{config.kernel_size} kernel does not fit its "
+                             f"{fit.grid[0]}x{fit.grid[1]} patch grid; use a kernel size of at most {min(fit.grid)}")
+        ks = (config.kernel_size,) if config.kernel_size else candidate_kernels(h, fit.grid)
         radius = fit.radius(config.mass)
         local = radius <= config.r_local
-        gt = grid_test(fit.delta, local, k, grid=fit.grid, config=config, cache=cache)
-        m, n_target, best, p, null, scores = (gt["n_local"], gt["n_target"], gt["dilation"], gt["p"], gt["null"],
-                                              gt["scores"])
-        dils = tuple(scores)
-        match = (lattice_match(fit.delta, local, k, tolerance=config.tolerance, cover_radius=config.cover_radius,
-                               dilation=best) if best else None)
+        gt = grid_test(fit.delta, local, ks, grid=fit.grid, config=config, cache=cache)
+        m, n_target, k, best, p, null, scores = (gt["n_local"], gt["n_target"], gt["kernel_size"], gt["dilation"],
+                                                 gt["p"], gt["null"], gt["scores"])
+        hyps = gt["hypotheses"]
+        match = (lattice_match(fit.delta, in_window(fit.delta, local, k, best), k, tolerance=config.tolerance,
+                               cover_radius=config.cover_radius, dilation=best) if best else None)
         nulls[layer] = null
         n_taps, taps, tap_labels = 0, 0.0, np.full(h, -1)
         if k:
             taps, n_taps, tap_labels = distinct_taps(fit.delta, local, k, separation=config.tap_separation)
         # uncertainty replicates, seeded by the layer alone
         rng = np.random.default_rng([int(config.seed) & 0xFFFFFFFF, 7, layer])
-        draws = _uncertainty_draws(fit, config, rng) if dils else None
+        draws = _uncertainty_draws(fit, config, rng) if hyps else None
         deterministic = _deterministic(fit)
         if draws is not None and not deterministic:
             rep_p = np.ones(draws[0].shape[0])
             rep_s = np.zeros(draws[0].shape[0])
-            for d in dils:
-                s_d = _scores_from_masks(draws[0], draws[1], k, config.tolerance, d, n_target)
-                pd_ = _p_value(gt["null_for"](d), s_d)  # the null of the point estimate's local heads
+            cen, msk = draws
+            for hk, hd in hyps:
+                w = null_window(hk, hd)
+                inside = msk * (np.abs(cen).max(-1) <= w + 1e-9)
+                s_d = _scores_from_masks(cen, inside, hk, config.tolerance, hd, min(h, hk * hk))
+                pd_ = _p_value(gt["null_for"]((hk, hd)), s_d)  # the null of the point estimate's heads
                 better = pd_ < rep_p
                 rep_s = np.where(better, s_d, rep_s)
                 rep_p = np.minimum(rep_p, pd_)
-            rep = {"score": rep_s, "p": np.minimum(1.0, len(dils) * rep_p), "n_local": draws[1].sum(1)}
+            rep = {"score": rep_s, "p": np.minimum(1.0, len(hyps) * rep_p), "n_local": msk.sum(1)}
             replicates[layer] = rep
             reps = rep["score"]
         else:
             reps = np.zeros(0)
-        score = scores.get(best, 0.0)
+        score = scores.get((k, best), 0.0)
         sd = float(null.std(ddof=1)) if null.size > 1 else float("nan")
         rows.append(dict(
             layer=layer,
@@ -1042,8 +1093,9 @@ def convlike_test(
             conv_frac_local=m / h,
             conv_dilation=best,
             conv_score=score,
-            conv_score_d1=scores.get(1, float("nan")),
-            conv_score_d2=scores.get(2, float("nan")),
+            conv_score_d1=scores.get((k, 1), float("nan")),
+            conv_score_d2=scores.get((k, 2), float("nan")),
+            conv_n_window=gt["n_window"],
             conv_score_se=float(reps.std(ddof=1)) if reps.size > 1 else float("nan"),
             conv_score_lo=float(np.quantile(reps, 0.025)) if reps.size else float("nan"),
             conv_score_hi=float(np.quantile(reps, 0.975)) if reps.size else float("nan"),
