@@ -203,7 +203,8 @@ def _layer_rows(label: str, result) -> tuple[list[dict], list[dict]]:
             "r90_median_patches": r90, "r90_median_side": r90 * px_per_patch / side,
         }
         for col, default in (("conv_verdict", ""), ("conv_n_taps", np.nan), ("conv_score", np.nan),
-                             ("conv_verdict_stability", np.nan), ("conv_kernel_size", np.nan)):
+                             ("conv_verdict_stability", np.nan), ("conv_kernel_size", np.nan),
+                             ("conv_dilation", np.nan)):
             v = ltab.loc[layer, col] if ltab is not None and col in ltab and layer in ltab.index else default
             row[col] = default if (isinstance(v, float) and math.isnan(v) and isinstance(default, str)) else v
         rows.append(row)

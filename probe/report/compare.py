@@ -177,7 +177,7 @@ def delta_panels_figure(heads: pd.DataFrame, layers: pd.DataFrame, labels: list[
 
 def verdict_table(layers: pd.DataFrame, labels: list[str]) -> pd.DataFrame | None:
     """Conv verdicts side by side: a row per layer index, a column per model:
-    ``verdict (taps, S)``; None when no model has a conv test."""
+    ``verdict (dilation, S)``; None when no model has a conv test."""
     if not (layers["conv_verdict"].astype(str) != "").any():
         return None
     out = pd.DataFrame({"layer": sorted(layers["layer"].unique())})
@@ -189,8 +189,9 @@ def verdict_table(layers: pd.DataFrame, labels: list[str]) -> pd.DataFrame | Non
                 cells.append("–")
                 continue
             r = t.loc[l]
-            taps = "" if not np.isfinite(r["conv_n_taps"]) else f"{int(r['conv_n_taps'])} taps, "
-            cells.append(f"{r['conv_verdict']} ({taps}S {r['conv_score']:.2f}; depth {r['relative_depth']:.2f})")
+            dil = r.get("conv_dilation", np.nan)
+            dil = f"dilation {int(dil)}, " if r["conv_verdict"] == "conv-like" and np.isfinite(dil) and dil > 1 else ""
+            cells.append(f"{r['conv_verdict']} ({dil}S {r['conv_score']:.2f}; depth {r['relative_depth']:.2f})")
         out[label] = cells
     return out
 

@@ -5,9 +5,10 @@ Rules (each sentence names its numbers; nothing here reads tensors):
 * **global / local layers**: a layer whose mean attention distance is at least 85 % of the
   uniform-attention distance is called *global*; runs of consecutive layers with the same
   character are merged ("Layers 0–1: ...").
-* **conv test**: each conv-like layer with its distinct taps (local heads at distinct offsets
-  around the query) and their offsets ± bootstrap SE, the verdict's stability; borderline layers
-  are named as such; the model-level verdict last.
+* **conv test**: each conv-like layer with its kernel, dilation and the local heads within half a
+  patch of the kernel's pixel offsets (± bootstrap SE), the grid test's p-value and the verdict's
+  stability (or "exact" when the attention does not depend on the image); borderline and "local
+  but not grid" layers named as such; the model-level verdict last.
 * **depth trend**: mean attention distance of the first and last analysed layer.
 
 "Local" has two meanings in probe, named apart here: a *local head* (conv test) holds 90 % of its

@@ -6,8 +6,9 @@ Figures (matplotlib ``Figure`` objects, embedded as PNG; the page needs no netwo
   from the first (small dot) to the last record (large dot, circle of radius
   ``r90_empirical_patches`` where that is at most 2 patches); the query at the origin, the 3x3
   unit-offset block in grey; one axis range for all layers;
-* per layer against step: distinct taps (:func:`probe.analyses.convlike.distinct_taps`), local
+* per layer against step: distinct taps (:func:`probe.analyses.convlike.distinct_taps`, descriptive), local
   heads (90 % within 2 patches), mean attention distance (pixels), entropy (nats);
+* the conv test over the last half of training (:func:`probe.track.trajectory_verdicts`);
 * the training curves (loss, accuracy, learning rates) when a training log is given.
 
 The report sees tables only (no tensors, no model).
