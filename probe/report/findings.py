@@ -99,8 +99,9 @@ def findings(heads: pd.DataFrame, layers: pd.DataFrame, meta: dict[str, Any], ex
                        f"(conv-like in {frac} of the bootstrap replicates).")
         loc = [int(l) for l in ct.index[ct.conv_verdict == "local but not grid"]]
         if loc:
-            out.append(f"{_span(loc)}: local heads, but their centres are no closer to the kernel's grid of pixel "
-                       "offsets than local heads placed at random would be, so no convolution is claimed.")
+            out.append(f"{_span(loc)}: local heads, but the grid test does not find them on the kernel's pixel "
+                       "offsets (their centres are not closer to the grid than random local centres at the 1 % "
+                       "level, or cover too few of its offsets), so no convolution is claimed.")
         if cl.deepest_conv_layer is None:
             out.append("The convolution claim of Cordonnier et al. (2020) does not hold from the first analysed layer.")
         elif cl.deepest_conv_layer == int(ct.index[0]):
