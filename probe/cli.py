@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import sys
 import time
@@ -34,6 +35,30 @@ def _fail(message: str, code: int = 2) -> "typer.Exit":
 def _interrupted() -> "typer.Exit":
     console.print("interrupted", soft_wrap=True, highlight=False)
     return typer.Exit(130)
+
+
+def _status(text: str):
+    """A started spinner line ``starting: text ...`` on the terminal (nothing in a pipe or log);
+    ``.stop()`` it before any other live display starts."""
+    status = console.status(f"[bold]starting[/]: {text} …", spinner="dots")
+    status.start()
+    return status
+
+
+def _stop(status) -> None:
+    """Stop a spinner of :func:`_status` (None: nothing)."""
+    if status is not None:
+        status.stop()
+
+
+@contextlib.contextmanager
+def _loading(text: str):
+    """A spinner while the heavy modules (torch, timm, ...) load, seconds on a fresh machine."""
+    status = _status(text)
+    try:
+        yield
+    finally:
+        status.stop()
 
 
 def _version(value: bool) -> None:
@@ -160,8 +185,25 @@ def analyze(
     distributed: Optional[bool] = typer.Option(None, "--distributed/--no-distributed", help="shard the images across the ranks of a torchrun launch (torchrun --nproc-per-node N -m probe analyze ...; gloo on cpu, nccl with --device cuda, one GPU per rank); rank 0 writes the report. Default: on when started by torchrun with WORLD_SIZE > 1", rich_help_panel="Images"),
 ) -> None:
     """Capture attention, compute per-head statistics and write report.html and heads.csv."""
-    from .analyses.convlike import ConvLikeConfig
-    from .pipeline import analyze as run_analysis
+    from .preflight import check_image_path, check_model_spec
+
+    launched = "RANK" in os.environ and os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
+    checked = None
+    try:  # what needs no torch is checked before torch loads: an error line at once
+        check_model_spec(model, weights, random_init)
+        check_image_path(images)
+        if not (distributed or (distributed is None and launched)):
+            checked = _checked_options(True, model=model, out=out, input_size=input_size, mean=mean, std=std,
+                                       num_images=num_images, batch_size=batch_size,
+                                       attribution_images=attribution_images, patch_size=patch_size,
+                                       null_seeds=null_seeds, null_images=null_images, local_radius=local_radius,
+                                       conv_level=conv_level, kernel_size=kernel_size, query=query,
+                                       set_option=set_option)
+    except ProbeError as e:
+        raise _fail(str(e))
+    with _loading("loading torch and the model libraries"):
+        from .analyses.convlike import ConvLikeConfig
+        from .pipeline import analyze as run_analysis
 
     dist_run = None
     try:
@@ -173,7 +215,7 @@ def analyze(
         raise _fail(str(e))
     main = dist_run is None or dist_run.is_main
     try:
-        return _analyze(dist_run, main, model=model, weights=weights, random_init=random_init, images=images,
+        return _analyze(dist_run, main, checked, model=model, weights=weights, random_init=random_init, images=images,
                         workers=workers, layers=layers, num_images=num_images, batch_size=batch_size,
                         device=device, amp=amp, seed=seed, out=out, prefix_tokens=prefix_tokens, grid=grid,
                         patch_size=patch_size, input_size=input_size, mean=mean, std=std, fits=fits,
@@ -190,16 +232,18 @@ def analyze(
             shutdown()
 
 
-def _analyze(dist_run, main: bool, *, model, weights, random_init, images, workers, layers, num_images,
+def _analyze(dist_run, main: bool, checked, *, model, weights, random_init, images, workers, layers, num_images,
              batch_size, device, amp, seed, out, prefix_tokens, grid, patch_size, input_size, mean, std, fits,
              anisotropic, conv_test, null_seeds, null_images, null_layers, local_radius, kernel_size, conv_level,
              conv_calibration, attribution, attribution_images, query, analysis, set_option, ConvLikeConfig,
              run_analysis) -> None:
     """``probe analyze`` after the distributed set-up: on a rank other than 0 (``main`` false)
-    the output folder is not checked, no progress or summary is shown and nothing is written."""
+    the output folder is not checked, no progress or summary is shown and nothing is written.
+    ``checked``: what :func:`_checked_options` returned before torch loaded (None: check now)."""
+    status = None
     try:
         try:
-            checked = _checked_options(main, model=model, out=out, input_size=input_size, mean=mean, std=std,
+            checked = checked or _checked_options(main, model=model, out=out, input_size=input_size, mean=mean, std=std,
                                        num_images=num_images, batch_size=batch_size,
                                        attribution_images=attribution_images, patch_size=patch_size,
                                        null_seeds=null_seeds, null_images=null_images, local_radius=local_radius,
@@ -213,7 +257,8 @@ def _analyze(dist_run, main: bool, *, model, weights, random_init, images, worke
         from .data import workers_default
         from .progress import RichProgress
 
-        progress_ctx = RichProgress(console) if main else contextlib.nullcontext(False)
+        status = _status("reading the model and the images") if main else None
+        progress_ctx = RichProgress(console, on_start=status.stop) if main else contextlib.nullcontext(False)
         with workers_default(workers), progress_ctx as progress:  # one bar per stage (capture, fits, ...)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", UserWarning)
@@ -231,6 +276,7 @@ def _analyze(dist_run, main: bool, *, model, weights, random_init, images, worke
                     analysis_options=analysis_options or None,
                     distributed=dist_run if dist_run is not None else False,
                 )
+        _stop(status)
         for w in caught:
             if "unreadable image" in str(w.message):
                 console.print(f"[yellow]warning:[/] {w.message}")
@@ -241,8 +287,10 @@ def _analyze(dist_run, main: bool, *, model, weights, random_init, images, worke
         result.meta["command"] = "probe " + shlex.join(sys.argv[1:])
         report = result.write_report(out_dir)
     except ProbeError as e:
+        _stop(status)
         raise _fail(str(e))
     except KeyboardInterrupt:
+        _stop(status)
         raise _interrupted()
     _summary(result)
     console.print(f"report: {report}\nheads table: {report.parent / 'heads.csv'}")
@@ -266,7 +314,7 @@ def _checked_options(main: bool, *, model, out, input_size, mean, std, num_image
         vals = _parse_floats(text, channels, f"--{key}")
         if vals is not None:
             overrides[key] = vals
-    from .result import check_output_dir
+    from .preflight import check_output_dir
 
     out_dir = None
     if main:
@@ -304,8 +352,8 @@ def _summary(result) -> None:
 
 @app.command()
 def train(
-    train_dir: Path = typer.Option(Path("../shared/data/cifar10-train"), "--train", help="training images: ROOT/<class>/<image>"),
-    test_dir: Optional[Path] = typer.Option(Path("../shared/data/cifar10-test"), "--test", help="test images for the final accuracy and the tracker's probe batch"),
+    train_dir: Optional[Path] = typer.Option(None, "--train", help="training images, ROOT/<class>/<image> (e.g. CIFAR-10's training set as JPEG or PNG files); required", show_default=False),
+    test_dir: Optional[Path] = typer.Option(None, "--test", help="test images, same classes: the final accuracy and the tracker's probe batch (default: none, no test accuracy or tracking)", show_default=False),
     out: Path = typer.Option(Path("runs/quadratic"), "--out", "-o", help="run folder (checkpoints, snapshots, logs, model.safetensors); an existing run there resumes"),
     attention: str = typer.Option("quadratic", "--attention", help="quadratic, generalized or relative (Cordonnier et al. 2020)"),
     dim: int = typer.Option(72, "--dim", help="width (paper: 400)"),
@@ -326,7 +374,20 @@ def train(
 ) -> None:
     """Train probe's attention-only CIFAR-10 model (Cordonnier et al. 2020 recipe), resumable."""
     from rich.progress import TimeElapsedColumn
-    from .cordonnier.train import TrainConfig, train as run_train
+
+    from .preflight import check_class_folder
+
+    try:  # checked before torch loads
+        if train_dir is None:
+            raise ProbeError("probe train needs --train FOLDER: training images in one sub-folder per class "
+                             "(ROOT/<class>/<image>); add --test FOLDER for the test accuracy")
+        check_class_folder(train_dir)
+        if test_dir is not None:
+            check_class_folder(test_dir)
+    except ProbeError as e:
+        raise _fail(str(e))
+    with _loading("loading torch"):
+        from .cordonnier.train import TrainConfig, train as run_train
 
     cfg = TrainConfig(train=str(train_dir), test=str(test_dir) if test_dir else None, out=str(out),
                       attention=attention, dim=dim, depth=depth, num_heads=heads, mlp_dim=mlp_dim,
@@ -358,21 +419,43 @@ def train(
 def compare(
     dirs: list[Path] = typer.Argument(..., help="two or more output folders of probe analyze (saved results)", show_default=False),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="output folder; default reports/compare-<timestamp>/"),
-    order: Optional[str] = typer.Option(None, "--order", help="'name' (folder names, ckpt2 before ckpt10) or a metadata key, e.g. weights or seed (numbers in numeric order); default: as given"),
+    order: Optional[str] = typer.Option(None, "--order", help="'name' (labels in natural order, ckpt2 before ckpt10) or a metadata key, e.g. weights or seed (numbers in numeric order); default: as given"),
+    labels: Optional[str] = typer.Option(None, "--labels", help="comma-separated names of the results, one per folder, in the order given (default: the folder names)"),
 ) -> None:
     """Compare saved analyses (models, or checkpoints of one model) on relative depth: compare.html."""
-    from .comparison import check_out_not_input, compare as run_compare, default_out_dir
-    from .result import check_output_dir
+    from .preflight import check_out_not_input, check_output_dir, check_result_folder, default_out_dir
 
-    try:
+    try:  # checked before the tables load
+        names = _split_labels(labels, len(dirs))
+        for d in dirs:
+            check_result_folder(d)
         out_dir = check_output_dir(out if out is not None else default_out_dir())
         check_out_not_input(out_dir, dirs)
-        report = run_compare([str(d) for d in dirs], order=order).write_report(out_dir)
+        with _loading("loading the saved results"):
+            from .comparison import compare as run_compare
+
+            comparison = run_compare([str(d) for d in dirs], labels=names, order=order)
+        report = comparison.write_report(out_dir)
     except ProbeError as e:
         raise _fail(str(e))
     except KeyboardInterrupt:
         raise _interrupted()
     console.print(f"comparison: {report}\nper-layer table: {report.parent / 'compare_layers.csv'}")
+
+
+def _split_labels(text: Optional[str], n: int) -> Optional[list[str]]:
+    """``--labels A,B,...`` as a list of ``n`` names (None when not given).
+
+    Raises:
+        ProbeError: another number of names than folders, or an empty name.
+    """
+    if text is None:
+        return None
+    names = [v.strip() for v in text.split(",")]
+    if len(names) != n or not all(names):
+        raise ProbeError(f"--labels {text!r} must give {n} non-empty comma-separated names, one per folder "
+                         f"(got {len([v for v in names if v])})")
+    return names
 
 
 if __name__ == "__main__":  # pragma: no cover

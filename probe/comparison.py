@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -376,21 +375,4 @@ def compare(results: Sequence[Any], *, labels: Sequence[str] | None = None, orde
                       order=order)
 
 
-def check_out_not_input(out: str | Path, inputs: Sequence[str | Path]) -> None:
-    """Refuse an output folder that is (or lies inside) one of the compared result folders:
-    writing the comparison there would replace that saved result.
-
-    Raises:
-        ProbeError: naming the folder.
-    """
-    o = Path(out).resolve()
-    for d in inputs:
-        p = Path(d).resolve()
-        if o == p or p in o.parents:
-            raise ProbeError(f"--out {str(out)!r} is the compared result folder {str(d)!r} (or inside it); "
-                             "writing there would replace it — choose another --out")
-
-
-def default_out_dir() -> Path:
-    """``reports/compare-<timestamp>`` (the CLI's default ``--out``)."""
-    return Path("reports") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+from .preflight import check_out_not_input, default_out_dir  # noqa: E402,F401  (light: the CLI checks first)

@@ -162,17 +162,23 @@ class RichProgress(ProgressReporter):
         console: a :class:`rich.console.Console` (default: a new one on stderr). rich renders
             into Jupyter as well.
         transient: remove the bars when the run ends.
+        on_start: called once before the first bar shows (e.g. to stop a spinner: rich shows one
+            live display at a time).
     """
 
-    def __init__(self, console: Any = None, transient: bool = False) -> None:
+    def __init__(self, console: Any = None, transient: bool = False, on_start: Callable[[], Any] | None = None) -> None:
         from rich.console import Console
 
         self.console = console if console is not None else Console(stderr=True)
         self.transient = transient
+        self.on_start = on_start
         self._bar: Any = None
 
     def _progress(self) -> Any:
         if self._bar is None:
+            if self.on_start is not None:
+                self.on_start()
+                self.on_start = None
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                        TimeRemainingColumn)
 

@@ -42,12 +42,12 @@ import pandas as pd
 import torch
 
 from .errors import ProbeError
+from .preflight import RESULT_FILE, check_result_folder
 
 #: Version of the saved-result format written by this probe.
 FORMAT = 1
 #: Formats :func:`load` reads.
 READABLE = (1,)
-RESULT_FILE = "result.json"
 STATS_FILE = "stats.safetensors"
 EXTRAS_FILE = "extras.safetensors"
 KIND = "probe.AnalysisResult"
@@ -369,20 +369,8 @@ def load(path: str | Path):
     from .analyses.reducers import LayerStats
     from .result import AnalysisResult
 
-    if isinstance(path, bool) or not isinstance(path, (str, Path)) or not str(path).strip():
-        raise ProbeError(f"load needs a folder path (str or pathlib.Path), got {path!r}")
-    folder = Path(path)
-    if folder.is_file() and folder.name == RESULT_FILE:
-        folder = folder.parent
-    if not folder.exists():
-        raise ProbeError(f"{str(folder)!r} does not exist; pass the output folder of probe analyze")
-    if not folder.is_dir():
-        raise ProbeError(f"{str(folder)!r} is a file, not a probe output folder; pass the folder holding {RESULT_FILE}")
+    folder = check_result_folder(path)
     doc_path = folder / RESULT_FILE
-    if not doc_path.is_file():
-        hint = ("it was written by a probe from before saved results (report only): run probe analyze again"
-                if (folder / "heads.csv").is_file() else "pass the output folder of probe analyze or AnalysisResult.save")
-        raise ProbeError(f"{str(folder)!r} holds no {RESULT_FILE}, so it is not a saved probe result; {hint}")
     try:
         doc = json.loads(doc_path.read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError) as e:

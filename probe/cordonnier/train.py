@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ProbeError
+from ..preflight import check_class_folder
 from .model import CIFAR_CFG, CordonnierViT
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -86,9 +87,7 @@ class TrainConfig:
 
 # -- data ---------------------------------------------------------------------------------
 def _folder_files(root: Path) -> tuple[list[Path], list[int], list[str]]:
-    if not root.is_dir():
-        raise ProbeError(f"image folder {str(root)!r} does not exist or is not a folder; pass a folder "
-                         "with one sub-folder of images per class")
+    check_class_folder(root)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise ProbeError(f"{str(root)!r} has no class sub-folders; expected ROOT/<class>/<image>")

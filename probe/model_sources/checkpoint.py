@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
-import socket
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,7 +24,7 @@ from torch import nn
 
 from ..errors import ProbeError
 
-HUB_HOST = "huggingface.co"
+from ..preflight import HUB_HOST, hub_reachable  # noqa: F401  (sources call checkpoint.hub_reachable)
 
 
 def file_sha256(path: str | Path) -> str | None:
@@ -40,20 +39,6 @@ def file_sha256(path: str | Path) -> str | None:
         return h.hexdigest()
     except OSError:
         return None
-
-
-def hub_reachable(host: str = HUB_HOST, timeout: float = 3.0) -> bool:
-    """True when a TCP connection to ``host:443`` opens within ``timeout`` seconds.
-
-    ``HF_HUB_OFFLINE=1`` in the environment counts as unreachable.
-    """
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
-        return False
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
