@@ -124,11 +124,18 @@ class Comparison:
         return out / "compare.html"
 
     def _repr_html_(self) -> str:
+        """Notebook view: the models table and the distance and locality figures against
+        relative depth (the full report: :meth:`to_html` / :meth:`write_report`)."""
         import html
 
+        from .report.compare import comparison_figures
+        from .report.plots import to_data_uri
+
+        images = "".join(f"<img src='{to_data_uri(f, dpi=80)}' alt='{name}' style='max-width:100%'>"
+                         for name, f in comparison_figures(self, ("distance", "locality")).items())
         return (f"<div><b>probe Comparison</b> of {len(self.labels)} results "
                 f"({html.escape(', '.join(self.labels))}; reference {html.escape(self.reference)})"
-                f"{self.models_table().to_html(index=False, border=0)}</div>")
+                f"{self.models_table().to_html(index=False, border=0)}{images}</div>")
 
 
 def relative_depth(layer: int, num_layers: int) -> float:

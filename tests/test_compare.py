@@ -210,3 +210,22 @@ def test_cli(two, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error:") and re.search(pattern, lines[0]), res.output
     assert not (tmp_path / "x").exists()
     shutil.rmtree(tmp_path / "o")
+
+
+def test_cli_labels_name_the_results_and_the_notebook_view_has_figures(two, tmp_path):
+    from typer.testing import CliRunner
+
+    from probe.cli import app
+
+    root, _, _ = two
+    run = CliRunner().invoke(app, ["compare", str(root / "a"), str(root / "a"), "--labels", "seed 0, seed 1",
+                                   "--out", str(tmp_path / "cmp")])
+    assert run.exit_code == 0, run.output
+    back = pd.read_csv(tmp_path / "cmp" / "compare_layers.csv")
+    assert list(dict.fromkeys(back.model)) == ["seed 0", "seed 1"]
+    bad = CliRunner().invoke(app, ["compare", str(root / "a"), str(root / "b"), "--labels", "x,y,z",
+                                   "--out", str(tmp_path / "cmp2")])
+    assert bad.exit_code == 2 and "--labels 'x,y,z' must give 2" in " ".join(bad.output.split())
+    assert not (tmp_path / "cmp2").exists()
+    html = probe.compare([root / "a", root / "b"])._repr_html_()
+    assert html.count("<img src='data:image/png;base64,") == 2 and "<table" in html

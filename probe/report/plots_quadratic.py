@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 
 import matplotlib
-from matplotlib.figure import Figure
+from .figure import Figure
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.patches import Circle, Rectangle  # noqa: E402
