@@ -52,6 +52,18 @@ def _stop(status) -> None:
 
 
 @contextlib.contextmanager
+def _cli_call():
+    """Within the block the library's errors name the command's flags only (probe.options)."""
+    from .options import CLI_CALL
+
+    token = CLI_CALL.set(True)
+    try:
+        yield
+    finally:
+        CLI_CALL.reset(token)
+
+
+@contextlib.contextmanager
 def _loading(text: str):
     """A spinner while the heavy modules (torch, timm, ...) load, seconds on a fresh machine."""
     status = _status(text)
@@ -73,73 +85,6 @@ def _version(value: bool) -> None:
 def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                       help="print the version and exit")) -> None:
     """Analyse the attention heads of trained vision transformers."""
-
-
-def _parse_grid(text: Optional[str]) -> Optional[tuple[int, int]]:
-    if text is None:
-        return None
-    m = re.fullmatch(r"\s*(\d+)\s*[xX×,]\s*(\d+)\s*", text)
-    if not m:
-        raise ProbeError(f"malformed --grid {text!r}: use ROWSxCOLS, e.g. 14x14")
-    return int(m.group(1)), int(m.group(2))
-
-
-def _parse_floats(text: Optional[str], n: int, option: str) -> Optional[tuple[float, ...]]:
-    if text is None:
-        return None
-    try:
-        vals = tuple(float(v) for v in re.split(r"[,\s]+", text.strip()) if v)
-    except ValueError:
-        vals = ()
-    import math
-
-    if not all(math.isfinite(v) for v in vals):
-        raise ProbeError(f"malformed {option} {text!r}: the values must be finite numbers (no nan or inf)")
-    if len(vals) == 1 and n > 1:
-        vals = vals * n
-    if len(vals) != n:
-        raise ProbeError(f"malformed {option} {text!r}: give {n} comma-separated numbers")
-    return vals
-
-
-def _check_options(*, num_images, batch_size, attribution_images, patch_size, null_seeds, null_images,
-                   local_radius, conv_level, kernel_size, overrides, query) -> None:
-    """Every numeric option checked before any work starts (ProbeError naming the option)."""
-    import math
-
-    def positive_int(name, v, allow_none=True, minimum=1):
-        if v is None and allow_none:
-            return
-        if v < minimum:
-            raise ProbeError(f"{name} must be at least {minimum}, got {v}")
-
-    positive_int("--num-images", num_images)
-    positive_int("--batch-size", batch_size)
-    positive_int("--attribution-images", attribution_images)
-    positive_int("--null-images", null_images)
-    positive_int("--null-seeds", null_seeds, minimum=0)
-    positive_int("--kernel-size", kernel_size)
-    if patch_size is not None and not (math.isfinite(patch_size) and patch_size > 0):
-        raise ProbeError(f"--patch-size must be a positive number of pixels per token, got {patch_size}")
-    if not (math.isfinite(local_radius) and local_radius > 0):
-        raise ProbeError(f"--local-radius must be a positive number of patches, got {local_radius}")
-    if not 0 < conv_level < 1:
-        raise ProbeError(f"--conv-level must lie in (0, 1), got {conv_level}")
-    size = overrides.get("input_size")
-    if size is not None and not all(v >= 1 for v in size):
-        raise ProbeError(f"--input-size must be three positive integers C,H,W, got {','.join(map(str, size))}")
-    if "std" in overrides and not all(v > 0 for v in overrides["std"]):
-        raise ProbeError(f"--std must be positive for every channel, got {','.join(map(str, overrides['std']))}")
-    _query_pair(query)
-
-
-def _query_pair(text: Optional[str]) -> Optional[tuple[int, int]]:
-    if text is None:
-        return None
-    m = re.fullmatch(r"\s*(\d+)\s*[,xX]\s*(\d+)\s*", text)
-    if not m:
-        raise ProbeError(f"--query {text!r} must be ROW,COL (two non-negative integers), e.g. --query 7,7")
-    return int(m.group(1)), int(m.group(2))
 
 
 def _safe_name(name: str) -> str:
@@ -202,7 +147,6 @@ def analyze(
     except ProbeError as e:
         raise _fail(str(e))
     with _loading("loading torch and the model libraries"):
-        from .analyses.convlike import ConvLikeConfig
         from .pipeline import analyze as run_analysis
 
     dist_run = None
@@ -223,7 +167,7 @@ def analyze(
                         null_images=null_images, null_layers=null_layers, local_radius=local_radius,
                         kernel_size=kernel_size, conv_level=conv_level, conv_calibration=conv_calibration,
                         attribution=attribution, attribution_images=attribution_images, query=query,
-                        analysis=analysis, set_option=set_option, ConvLikeConfig=ConvLikeConfig,
+                        analysis=analysis, set_option=set_option,
                         run_analysis=run_analysis)
     finally:
         if dist_run is not None:
@@ -235,7 +179,7 @@ def analyze(
 def _analyze(dist_run, main: bool, checked, *, model, weights, random_init, images, workers, layers, num_images,
              batch_size, device, amp, seed, out, prefix_tokens, grid, patch_size, input_size, mean, std, fits,
              anisotropic, conv_test, null_seeds, null_images, null_layers, local_radius, kernel_size, conv_level,
-             conv_calibration, attribution, attribution_images, query, analysis, set_option, ConvLikeConfig,
+             conv_calibration, attribution, attribution_images, query, analysis, set_option,
              run_analysis) -> None:
     """``probe analyze`` after the distributed set-up: on a rank other than 0 (``main`` false)
     the output folder is not checked, no progress or summary is shown and nothing is written.
@@ -260,19 +204,19 @@ def _analyze(dist_run, main: bool, checked, *, model, weights, random_init, imag
         status = _status("reading the model and the images") if main else None
         progress_ctx = RichProgress(console, on_start=status.stop) if main else contextlib.nullcontext(False)
         with workers_default(workers), progress_ctx as progress:  # one bar per stage (capture, fits, ...)
-            with warnings.catch_warnings(record=True) as caught:
+            with warnings.catch_warnings(record=True) as caught, _cli_call():
                 warnings.simplefilter("always", UserWarning)
                 result = run_analysis(
                     model, images, layers=layers, weights=weights, random_init=random_init,
                     num_images=num_images, batch_size=batch_size, device=device, amp=amp,
-                    seed=seed, prefix_tokens=prefix_tokens, grid=_parse_grid(grid),
+                    seed=seed, prefix_tokens=prefix_tokens, grid=grid,
                     patch_size=patch_size, data_overrides=overrides, progress=progress,
                     fits=fits, anisotropic=anisotropic, conv_test=conv_test and fits,
-                    conv_config=ConvLikeConfig(kernel_size=kernel_size, r_local=local_radius,
-                                               level=conv_level, seed=seed, calibration=conv_calibration),
+                    local_radius=local_radius, kernel_size=kernel_size, conv_level=conv_level,
+                    conv_calibration=conv_calibration,
                     null_seeds=null_seeds, null_images=null_images, null_layers=null_layers,
                     attribution=attribution, attribution_images=attribution_images,
-                    query=_query_pair(query), analyses=analysis or None,
+                    query=query, analyses=analysis or None,
                     analysis_options=analysis_options or None,
                     distributed=dist_run if dist_run is not None else False,
                 )
@@ -305,22 +249,16 @@ def _checked_options(main: bool, *, model, out, input_size, mean, std, num_image
     Raises:
         ProbeError: naming the bad option.
     """
-    overrides = {}
-    size = _parse_floats(input_size, 3, "--input-size")
-    if size is not None:
-        overrides["input_size"] = tuple(int(v) for v in size)
-    channels = overrides.get("input_size", (3,))[0]
-    for key, text in (("mean", mean), ("std", std)):
-        vals = _parse_floats(text, channels, f"--{key}")
-        if vals is not None:
-            overrides[key] = vals
+    from .options import check_options, data_overrides_from
     from .preflight import check_output_dir
+
+    overrides = data_overrides_from(None, input_size, mean, std) or {}
 
     out_dir = None
     if main:
         out_dir = check_output_dir(out if out is not None else
                                    Path("reports") / f"{_safe_name(model or 'cordonnier')}-{time.strftime('%Y%m%d-%H%M%S')}")
-    _check_options(num_images=num_images, batch_size=batch_size, attribution_images=attribution_images,
+    check_options(num_images=num_images, batch_size=batch_size, attribution_images=attribution_images,
                    patch_size=patch_size, null_seeds=null_seeds, null_images=null_images,
                    local_radius=local_radius, conv_level=conv_level, kernel_size=kernel_size,
                    overrides=overrides, query=query)
