@@ -71,7 +71,7 @@ class AnalysisResult:
 
     def write_report(self, out_dir: str | Path, query: tuple[int, int] | int | None = None) -> Path:
         """Write ``report.html``, ``heads.csv``, ``layers.csv`` and ``images.txt`` to ``out_dir``,
-        with the saved-result files (``result.json``, ``stats.safetensors``, see :meth:`save`) so
+        with the saved-result files (``result.json``, ``stats.safetensors.gz``, see :meth:`save`) so
         that :func:`probe.load` reads the folder back.
 
         Everything is rendered in memory first and each file is written atomically
@@ -134,7 +134,7 @@ class AnalysisResult:
         to ``out_dir`` without a report; :func:`probe.load` reads it back.
 
         The folder format is described in :mod:`probe.saved` (``result.json``, ``heads.csv``,
-        ``layers.csv``, ``stats.safetensors``, ``extras.safetensors``, ``images.txt``; no pickle).
+        ``layers.csv``, ``stats.safetensors.gz``, ``extras.safetensors``, ``images.txt``; no pickle).
         :meth:`write_report` writes the same files beside ``report.html``, so every report
         folder loads as well. Written as one set (:func:`write_output_set`): an earlier probe
         output in ``out_dir`` is replaced as a whole.
