@@ -13,8 +13,9 @@ Run::
     python bench/startup.py                      # this checkout
     python bench/startup.py --root /path/to/other/checkout --json before.json
 
-``probe train`` is timed on ``../shared/data/cifar10-train`` (skipped when it is absent): the
-first run of a session decodes the JPEGs, later runs read the decoded cache.
+``probe train`` is timed on ``../shared/data/cifar10-train`` / ``cifar10-test`` (skipped when
+absent) for one step: once with an empty cache (the 60,000 JPEGs decoded) and with the decoded
+arrays cached (``~/.cache/probe``, the cache of earlier runs).
 """
 
 from __future__ import annotations
@@ -100,19 +101,25 @@ def main(argv: list[str] | None = None) -> dict:
         ("probe analyze: first line", py + ["analyze", "--out", str(work / "c")], None),
         ("probe analyze: capture bar", py + ["analyze", "--out", str(work / "d")], "capture"),
     ]
-    train_dir = SHARED / "cifar10-train"
-    if not args.no_train and train_dir.is_dir():
-        run = ["train", "--train", str(train_dir), "--out", str(work / "run"), "--max-steps", "2",
-               "--track-every", "0"]
-        cases += [("probe train: first line", py + run, None),
-                  ("probe train: first step", py + run, "1/")]
+    cases = [(name, cmd, until, None, args.repeats) for name, cmd, until in cases]
+    train_dir, test_dir = SHARED / "cifar10-train", SHARED / "cifar10-test"
+    if not args.no_train and train_dir.is_dir() and test_dir.is_dir():
+        # one step, then the checkpoint and "stopped ...": the start-up of a run
+        run = ["train", "--train", str(train_dir), "--test", str(test_dir), "--out", str(work / "run"),
+               "--max-steps", "1", "--track-every", "0"]
+        cold = str(work / "cold-cache")  # an empty cache: the 60,000 JPEGs are decoded
+        cases += [("probe train: first line", py + run, None, None, args.repeats),
+                  ("probe train: 1 step, cold cache", py + run, "stopped", cold, 1),
+                  ("probe train: 1 step, warm cache", py + run, "stopped", None, args.repeats)]
     elif not args.no_train:
-        print(f"probe train skipped: {train_dir} is absent", file=sys.stderr)
+        print(f"probe train skipped: {train_dir} or {test_dir} is absent", file=sys.stderr)
     out = {"root": str(args.root), "repeats": args.repeats, "cpus": os.cpu_count(), "cases": {}}
-    for name, cmd, until in cases:
+    for name, cmd, until, cache, repeats in cases:
         runs = []
-        for _ in range(args.repeats):
-            runs.append(first_output(cmd, env, work, until))
+        for _ in range(repeats):
+            if cache is not None:
+                subprocess.run(["rm", "-rf", cache])
+            runs.append(first_output(cmd, {**env, "XDG_CACHE_HOME": cache} if cache else env, work, until))
             for sub in ("c", "d", "run"):  # a fresh output folder each time
                 subprocess.run(["rm", "-rf", str(work / sub)])
         key = "until_s" if until else "first_s"

@@ -334,15 +334,26 @@ def train(
                       max_minutes=max_minutes, max_steps=max_steps, track_every=track_every,
                       limit_train=limit_train)
     try:
-        with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                      TimeElapsedColumn(), TimeRemainingColumn(), console=console) as bar:
-            task = bar.add_task("train", total=None, info="")
+        with Progress(TextColumn("[bold]{task.description:<13}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                      console=console) as bar:
+            tasks: dict[str, int] = {}
 
-            def progress(step: int, total: int, row: dict) -> None:
-                bar.update(task, completed=step, total=total,
-                           info=f"epoch {row['epoch']:.2f} loss {row['train_loss']:.3f} acc {row['train_acc']:.3f}")
+            def decoding(role: str, done: int, total: int) -> None:
+                """One bar per image folder decoded (a cached folder shows none)."""
+                name = f"decode {role}"
+                if name not in tasks:
+                    tasks[name] = bar.add_task(name, total=total, info="images")
+                bar.update(tasks[name], completed=done, total=total)
 
-            summary = run_train(cfg, progress)
+            def progress(step: int, total: int, row: Optional[dict]) -> None:
+                if "train" not in tasks:
+                    tasks["train"] = bar.add_task("train", total=total, completed=step, info="")
+                info = {} if row is None else {
+                    "info": f"epoch {row['epoch']:.2f} loss {row['train_loss']:.3f} acc {row['train_acc']:.3f}"}
+                bar.update(tasks["train"], completed=step, total=total, **info)
+
+            summary = run_train(cfg, progress, decoding)
     except ProbeError as e:
         raise _fail(str(e))
     except KeyboardInterrupt:
