@@ -132,12 +132,13 @@ def analyze(
     """Capture attention, compute per-head statistics and write report.html and heads.csv."""
     from .preflight import check_image_path, check_model_spec
 
-    launched = "RANK" in os.environ and os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
+    world = os.environ.get("WORLD_SIZE", "1").strip()
+    torchrun = "RANK" in os.environ and world.isdigit() and int(world) > 1  # as probe.distributed.launched()
     checked = None
     try:  # what needs no torch is checked before torch loads: an error line at once
         check_model_spec(model, weights, random_init)
         check_image_path(images)
-        if not (distributed or (distributed is None and launched)):
+        if not (distributed or (distributed is None and torchrun)):
             checked = _checked_options(True, model=model, out=out, input_size=input_size, mean=mean, std=std,
                                        num_images=num_images, batch_size=batch_size,
                                        attribution_images=attribution_images, patch_size=patch_size,

@@ -273,7 +273,6 @@ def train(cfg: TrainConfig, progress: Callable[[int, int, dict | None], None] | 
         return None if decoding is None else (lambda done, total: decoding(role, done, total))
 
     xtr_u8, ytr, classes = load_folder(cfg.train, limit=cfg.limit_train or None, progress=reporter("train"))
-    xtr = normalize(xtr_u8)
     test = None
     if cfg.test:
         xte_u8, yte, test_classes = load_folder(cfg.test, progress=reporter("test"))
@@ -281,7 +280,7 @@ def train(cfg: TrainConfig, progress: Callable[[int, int, dict | None], None] | 
             raise ProbeError(f"the test folder's classes {test_classes} differ from the training folder's {classes}")
         test = (normalize(xte_u8), yte)
 
-    n = len(xtr)
+    n = len(xtr_u8)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = int(round(cfg.epochs * steps_per_epoch))
     resume_keys = {k: v for k, v in asdict(cfg).items() if k not in ("max_minutes", "max_steps", "threads")}
@@ -328,7 +327,7 @@ def train(cfg: TrainConfig, progress: Callable[[int, int, dict | None], None] | 
         if epoch != perm_epoch:  # the shuffle of an epoch depends on (seed, epoch) only
             perm_epoch, perm = epoch, torch.randperm(n, generator=_gen(cfg.seed, epoch))
         idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-        xb = augment(xtr[idx], _gen(cfg.seed, epoch, i, 1))
+        xb = augment(normalize(xtr_u8[idx]), _gen(cfg.seed, epoch, i, 1))  # per batch: no float copy of the set
         yb = ytr[idx]
         fw, fp = lr_factors(step, total, cfg)
         opt.param_groups[0]["lr"] = cfg.lr * fw
