@@ -14,7 +14,7 @@ from scipy.stats import spearmanr
 
 from probe.comparison import has_centre
 from probe.report.findings import depth_trend, findings
-from probe.report.heads_table import heads_table_html, negligible_se
+from probe.report.heads_table import DETERMINISTIC, heads_table_html, mark_deterministic, negligible_se
 from probe.report.plots_quadratic import quadratic_table
 from probe.report.render import table_html
 
@@ -56,6 +56,9 @@ def test_zero_or_noise_standard_errors_read_deterministic():
     cells = re.findall(r"<td data-value='[^']*'>([^<]*)</td>", html)
     assert cells.count("deterministic") == 3  # head 0's three SEs; head 1's are shown
     assert "0.02" in cells and not any("10⁻" in c or "e-1" in c for c in cells)  # shown text; data-value keeps the raw number
+    shown = mark_deterministic(heads[["delta_row", "delta_row_se", "alpha", "alpha_se"]])
+    assert shown.delta_row_se.tolist() == [DETERMINISTIC, 0.02] and shown.alpha_se.tolist() == [DETERMINISTIC, 0.1]
+    assert heads.delta_row_se.tolist() == [6.1e-14, 0.02]  # the frame itself is unchanged
     q = quadratic_table(heads.assign(sigma_patches=1.0, r50_patches=1.0, r90_patches=2.0, quad_ll_gain_nats=0.1,
                                      quad_kl_explained=0.5))
     assert q.loc[0, "Δ row"] == "-1.05" and q.loc[1, "Δ row"] == "0.5 ± 0.02"

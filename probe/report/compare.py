@@ -254,8 +254,11 @@ def render_comparison(comp) -> str:
         cl = r.extras.get("convlike")
         if cl is not None:
             summaries.append((label, cl.summary()))
-    lt = comp.layers[[c for c in _LAYER_COLUMNS if c in comp.layers]].rename(columns=_LAYER_COLUMNS)
-    dt = comp.differences[[c for c in _DIFF_COLUMNS if c in comp.differences]].rename(columns=_DIFF_COLUMNS)
+    from .heads_table import mark_deterministic
+
+    lt = mark_deterministic(comp.layers[[c for c in _LAYER_COLUMNS if c in comp.layers]]).rename(columns=_LAYER_COLUMNS)
+    dt = mark_deterministic(comp.differences[[c for c in _DIFF_COLUMNS if c in comp.differences]]).rename(
+        columns=_DIFF_COLUMNS)
     env = Environment(loader=PackageLoader("probe.report", "templates"), autoescape=select_autoescape(["html", "j2"]))
     env.filters["fmt"] = _fmt
     import time

@@ -118,6 +118,18 @@ def negligible_se(value: Any, se: Any) -> bool:
     return abs(e) <= SE_NOISE * abs(v) + SE_FLOOR
 
 
+def mark_deterministic(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``frame`` for display in which every ``X_se`` value that :func:`negligible_se`
+    calls noise next to its ``X`` reads :data:`DETERMINISTIC` (other values unchanged)."""
+    out = frame.copy()
+    for c in frame.columns:
+        if c.endswith("_se") and c[:-3] in frame.columns:
+            noise = [negligible_se(v, e) for v, e in zip(frame[c[:-3]], frame[c])]
+            if any(noise):
+                out[c] = [DETERMINISTIC if n else e for n, e in zip(noise, frame[c])]
+    return out
+
+
 def format_value(column: str, v: Any) -> str:
     """One cell as display text: ``—`` missing, ``∞`` infinite, booleans as yes/no."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
