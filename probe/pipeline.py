@@ -27,8 +27,8 @@ from .capture import (
     infer_geometries,
     parse_layers,
 )
-from .data import (ImageSet, TensorImages, collect_images, cpu_count, default_workers, eval_transform, workers_default,
-                   iter_indexed_batches)
+from .data import (ImageSet, TensorImages, collect_images, cpu_count, default_workers, eval_transform,
+                   iter_indexed_batches, workers_default)
 from .errors import CaptureError, ProbeError
 from .models import ResolvedModel, file_sha256, resolve_model
 from .options import CLI_CALL, conv_config_from, data_overrides_from, library_message, parse_grid, query_pair
@@ -121,7 +121,8 @@ def analyze(
         amp: run the forward pass under bf16 autocast on CUDA (statistics accumulate in float64).
         seed: seed for the image subset, random init and bootstrap weights.
         n_bootstrap: Poisson-bootstrap replicates kept by the reducers.
-        prefix_tokens, grid, patch_size: override the inferred token geometry.
+        prefix_tokens, grid, patch_size: override the inferred token geometry (``grid`` as
+            ``(rows, cols)`` or the command's text ``"14x14"``).
         data_overrides: timm data-config values (``input_size``, ``mean``, ``std``, ...).
         progress: named stages with bars (capture, quadratic fits, conv test, conv-test null,
             attribution; :mod:`probe.progress`): ``None`` (default) shows them in a terminal or
@@ -151,8 +152,8 @@ def analyze(
             skipped with a reason in ``meta["attribution_skipped"]`` for families without gates.
         attribution_images: the first N analysed images are attributed.
         ig_steps: integration steps of integrated gradients.
-        query: ``(row, col)`` of the query patch whose mean attention map the report shows
-            (CLI ``--query ROW,COL``); checked against the patch grid before any image is read;
+        query: ``(row, col)`` (or the text ``"ROW,COL"`` of ``--query``) of the query patch whose
+            mean attention map the report shows; checked against the patch grid before any image is read;
             default the central patch.
         analyses: further registered analyses to run, in addition to those the flags above
             select: names, registered classes or configured instances (``[Rollout(images=8)]``);
@@ -186,8 +187,10 @@ def analyze(
 
     Raises:
         ProbeError: for any bad input (model, weights, layers, images, device, geometry,
-            analyses and their options), before any image is read; in a distributed run on
-            every rank when one rank fails (:meth:`probe.distributed.Distributed.agree`).
+            analyses and their options), before any image is read (a message naming command-line
+            flags ends with their keyword forms, :func:`probe.options.library_message`); in a
+            distributed run on every rank when one rank fails
+            (:meth:`probe.distributed.Distributed.agree`).
     """
     t0 = time.perf_counter()
     try:
