@@ -11,7 +11,10 @@ decides how the same table reads in the HTML report:
   α with 3 significant digits written as ``6.5·10⁻⁵`` rather than ``6.51e-05``), ``∞`` for
   infinities, ``—`` for missing values;
 * the centre Δ (and its SEs, pixels and the lattice point) of a head whose fit is non-local
-  shown as ``—``: such a head has no centre, whatever number the optimiser stopped at.
+  shown as ``—``: such a head has no centre, whatever number the optimiser stopped at;
+* a standard error that is 0 or float rounding noise next to its value (:func:`negligible_se`:
+  the value is the same for every image, as for the embedded model's position-only attention)
+  shown as "deterministic" rather than ``6.1·10⁻¹⁴``.
 
 The report knows no tensors: the input is the heads DataFrame.
 """
