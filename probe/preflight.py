@@ -8,7 +8,8 @@ an unreachable hub in well under a second (``bench/startup.py``):
   of timm's installed source files (about 30 ms; the test suite checks that this equals
   ``timm.list_models()`` for the installed timm), so an unknown name is refused without importing
   timm;
-* :func:`check_model_spec`: an unknown timm name or alias, ``--weights`` with ``--random-init``,
+* :func:`check_model_spec`: an unknown timm name or alias, a ``--weights`` file that is not
+  there, ``--weights`` with ``--random-init``,
   and timm's pretrained weights when the Hugging Face hub is unreachable and nothing for the
   model is in the local Hugging Face cache; every other spec (``hf:``, ``open_clip:``,
   ``torchvision:``, ``module:factory``, a folder, a plug-in source's) is left to the model
@@ -178,6 +179,8 @@ def check_model_spec(spec: Any, weights: Any = None, random_init: bool = False) 
     """
     if weights is not None and random_init:
         raise ProbeError("--weights and --random-init exclude each other; pass one")
+    if weights is not None and not Path(weights).exists():  # a folder is left to the source (plug-ins)
+        check_weights_path(weights)
     if not isinstance(spec, str) or not spec or spec in EMBEDDED_NAMES:
         return
     if ":" in spec:
@@ -194,6 +197,20 @@ def check_model_spec(spec: Any, weights: Any = None, random_init: bool = False) 
         raise unknown_timm_model(spec, known)
     if weights is None and not random_init and not _maybe_cached(name) and not _reachable():
         raise offline_weights_error(name)
+
+
+def check_weights_path(path: Any) -> Path:
+    """``--weights FILE`` as a path, checked to be an existing file (not a folder).
+
+    Raises:
+        ProbeError: a folder, or no file there.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise ProbeError(f"--weights {str(p)!r} is a folder, not a checkpoint file; pass the .safetensors or .pth file in it")
+    if not p.is_file():
+        raise ProbeError(f"weights file {str(p)!r} not found; pass an existing --weights FILE")
+    return p
 
 
 def check_image_path(source: Any) -> None:

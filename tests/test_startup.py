@@ -48,12 +48,13 @@ def _cli(args: list[str], tmp_path: Path, **env: str) -> tuple[dict, str]:
     (["analyze", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["analyze", "--weights", "w.safetensors", "--random-init"], "--weights and --random-init exclude each other"),
     (["analyze", "--model", "vit_small"], "pretrained weights for 'vit_small_patch16_224' need the Hugging Face hub"),
+    (["analyze", "--weights", "missing.safetensors"], "weights file 'missing.safetensors' not found"),
     (["compare", "no_run_a", "no_run_b"], "'no_run_a' does not exist; pass the output folder of probe analyze"),
     (["compare", "a", "b", "--labels", "one"], "--labels 'one' must give 2 non-empty comma-separated names"),
     (["train"], "probe train needs --train FOLDER"),
     (["train", "--train", "nowhere"], "image folder 'nowhere' does not exist"),
 ], ids=["unknown-model", "unknown-timm-scheme", "missing-images", "batch-size", "weights-and-random-init",
-        "offline-weights", "compare-missing", "compare-labels", "train-no-folder", "train-missing"])
+        "offline-weights", "missing-weights", "compare-missing", "compare-labels", "train-no-folder", "train-missing"])
 def test_bad_arguments_are_answered_before_torch_loads(tmp_path, args, message):
     got, err = _cli(args, tmp_path, HF_HUB_OFFLINE="1")
     assert got["code"] == 2, err
@@ -67,7 +68,8 @@ def test_a_good_model_name_passes_the_early_check_and_loads_later(tmp_path):
     got, err = _cli(["analyze", "--model", "deit_tiny", "--random-init", "--batch-size", "0"], tmp_path)
     assert got["code"] == 2 and "--batch-size must be at least 1" in err and "torch" not in got["heavy"]
     preflight.check_model_spec("deit_tiny", random_init=True)
-    preflight.check_model_spec("timm:vit_small_patch16_224", weights="w.safetensors")
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    preflight.check_model_spec("timm:vit_small_patch16_224", weights=tmp_path / "w.safetensors")
     for other in (None, "cordonnier", "hf:google/vit-base-patch16-224", "open_clip:ViT-B-32", "torchvision:vit_b_16",
                   "mypkg.models:factory", str(tmp_path)):
         preflight.check_model_spec(other)  # other sources check their own specs later

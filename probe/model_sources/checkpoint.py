@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import ProbeError
 
-from ..preflight import HUB_HOST, hub_reachable  # noqa: F401  (sources call checkpoint.hub_reachable)
+from ..preflight import HUB_HOST, check_weights_path, hub_reachable  # noqa: F401  (sources call checkpoint.hub_reachable)
 
 
 def file_sha256(path: str | Path) -> str | None:
@@ -54,11 +54,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     Raises:
         ProbeError: if the file is missing, is not a checkpoint, or holds pickled code.
     """
-    p = Path(path)
-    if p.is_dir():
-        raise ProbeError(f"--weights {str(p)!r} is a folder, not a checkpoint file; pass the .safetensors or .pth file in it")
-    if not p.is_file():
-        raise ProbeError(f"weights file {str(p)!r} not found; pass an existing --weights FILE")
+    p = check_weights_path(path)
     if p.suffix.lower() == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
