@@ -29,17 +29,33 @@ _SUBMODULES = {"track", "plot", "cordonnier", "families", "capture", "analyses",
                "models", "data", "geometry", "attribution", "conv_equivalence", "steps", "tables", "report",
                "saved", "comparison", "model_sources"}
 
-__all__ = ["analyze", "load", "compare", "AnalysisResult", "TokenGeometry", "ProbeError", "CaptureError", "__version__"]
+__all__ = ["analyze", "load", "compare", "plot", "track", "AnalysisResult", "TokenGeometry", "ProbeError", "CaptureError",
+           "__version__"]
+
+
+def _import(module: str):
+    """Import ``probe.<module>``. Libraries that import ``tqdm.auto`` when they load (timm's and
+    Hugging Face's) warn "IProgress not found" in a Jupyter kernel without ipywidgets; probe shows
+    its own progress there (:mod:`probe.progress`), so that warning is not shown while they load."""
+    import importlib
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        return importlib.import_module(f".{module}", __name__)
 
 
 def __getattr__(name: str):
-    import importlib
-
     if name in _LAZY:
         mod, attr = _LAZY[name]
-        value = getattr(importlib.import_module(f".{mod}", __name__), attr)
+        value = getattr(_import(mod), attr)
         globals()[name] = value
         return value
     if name in _SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
+        return _import(name)
     raise AttributeError(f"module 'probe' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The module's names with the lazily loaded ones (tab completion offers ``analyze``, ...)."""
+    return sorted(set(globals()) | set(_LAZY) | _SUBMODULES)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import sys
 import time
@@ -36,6 +37,42 @@ def _interrupted() -> "typer.Exit":
     return typer.Exit(130)
 
 
+def _status(text: str):
+    """A started spinner line ``starting: text ...`` on the terminal (nothing in a pipe or log);
+    ``.stop()`` it before any other live display starts."""
+    status = console.status(f"[bold]starting[/]: {text} …", spinner="dots")
+    status.start()
+    return status
+
+
+def _stop(status) -> None:
+    """Stop a spinner of :func:`_status` (None: nothing)."""
+    if status is not None:
+        status.stop()
+
+
+@contextlib.contextmanager
+def _cli_call():
+    """Within the block the library's errors name the command's flags only (probe.options)."""
+    from .options import CLI_CALL
+
+    token = CLI_CALL.set(True)
+    try:
+        yield
+    finally:
+        CLI_CALL.reset(token)
+
+
+@contextlib.contextmanager
+def _loading(text: str):
+    """A spinner while the heavy modules (torch, timm, ...) load, seconds on a fresh machine."""
+    status = _status(text)
+    try:
+        yield
+    finally:
+        status.stop()
+
+
 def _version(value: bool) -> None:
     if value:
         from importlib.metadata import version
@@ -48,73 +85,6 @@ def _version(value: bool) -> None:
 def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                       help="print the version and exit")) -> None:
     """Analyse the attention heads of trained vision transformers."""
-
-
-def _parse_grid(text: Optional[str]) -> Optional[tuple[int, int]]:
-    if text is None:
-        return None
-    m = re.fullmatch(r"\s*(\d+)\s*[xX×,]\s*(\d+)\s*", text)
-    if not m:
-        raise ProbeError(f"malformed --grid {text!r}: use ROWSxCOLS, e.g. 14x14")
-    return int(m.group(1)), int(m.group(2))
-
-
-def _parse_floats(text: Optional[str], n: int, option: str) -> Optional[tuple[float, ...]]:
-    if text is None:
-        return None
-    try:
-        vals = tuple(float(v) for v in re.split(r"[,\s]+", text.strip()) if v)
-    except ValueError:
-        vals = ()
-    import math
-
-    if not all(math.isfinite(v) for v in vals):
-        raise ProbeError(f"malformed {option} {text!r}: the values must be finite numbers (no nan or inf)")
-    if len(vals) == 1 and n > 1:
-        vals = vals * n
-    if len(vals) != n:
-        raise ProbeError(f"malformed {option} {text!r}: give {n} comma-separated numbers")
-    return vals
-
-
-def _check_options(*, num_images, batch_size, attribution_images, patch_size, null_seeds, null_images,
-                   local_radius, conv_level, kernel_size, overrides, query) -> None:
-    """Every numeric option checked before any work starts (ProbeError naming the option)."""
-    import math
-
-    def positive_int(name, v, allow_none=True, minimum=1):
-        if v is None and allow_none:
-            return
-        if v < minimum:
-            raise ProbeError(f"{name} must be at least {minimum}, got {v}")
-
-    positive_int("--num-images", num_images)
-    positive_int("--batch-size", batch_size)
-    positive_int("--attribution-images", attribution_images)
-    positive_int("--null-images", null_images)
-    positive_int("--null-seeds", null_seeds, minimum=0)
-    positive_int("--kernel-size", kernel_size)
-    if patch_size is not None and not (math.isfinite(patch_size) and patch_size > 0):
-        raise ProbeError(f"--patch-size must be a positive number of pixels per token, got {patch_size}")
-    if not (math.isfinite(local_radius) and local_radius > 0):
-        raise ProbeError(f"--local-radius must be a positive number of patches, got {local_radius}")
-    if not 0 < conv_level < 1:
-        raise ProbeError(f"--conv-level must lie in (0, 1), got {conv_level}")
-    size = overrides.get("input_size")
-    if size is not None and not all(v >= 1 for v in size):
-        raise ProbeError(f"--input-size must be three positive integers C,H,W, got {','.join(map(str, size))}")
-    if "std" in overrides and not all(v > 0 for v in overrides["std"]):
-        raise ProbeError(f"--std must be positive for every channel, got {','.join(map(str, overrides['std']))}")
-    _query_pair(query)
-
-
-def _query_pair(text: Optional[str]) -> Optional[tuple[int, int]]:
-    if text is None:
-        return None
-    m = re.fullmatch(r"\s*(\d+)\s*[,xX]\s*(\d+)\s*", text)
-    if not m:
-        raise ProbeError(f"--query {text!r} must be ROW,COL (two non-negative integers), e.g. --query 7,7")
-    return int(m.group(1)), int(m.group(2))
 
 
 def _safe_name(name: str) -> str:
@@ -159,8 +129,25 @@ def analyze(
     distributed: Optional[bool] = typer.Option(None, "--distributed/--no-distributed", help="shard the images across the ranks of a torchrun launch (torchrun --nproc-per-node N -m probe analyze ...; gloo on cpu, nccl with --device cuda, one GPU per rank); rank 0 writes the report. Default: on when started by torchrun with WORLD_SIZE > 1", rich_help_panel="Images"),
 ) -> None:
     """Capture attention, compute per-head statistics and write report.html and heads.csv."""
-    from .analyses.convlike import ConvLikeConfig
-    from .pipeline import analyze as run_analysis
+    from .preflight import check_image_path, check_model_spec
+
+    world = os.environ.get("WORLD_SIZE", "1").strip()
+    torchrun = "RANK" in os.environ and world.isdigit() and int(world) > 1  # as probe.distributed.launched()
+    checked = None
+    try:  # what needs no torch is checked before torch loads: an error line at once
+        check_model_spec(model, weights, random_init)
+        check_image_path(images)
+        if not (distributed or (distributed is None and torchrun)):
+            checked = _checked_options(True, model=model, out=out, input_size=input_size, mean=mean, std=std,
+                                       num_images=num_images, batch_size=batch_size,
+                                       attribution_images=attribution_images, patch_size=patch_size,
+                                       null_seeds=null_seeds, null_images=null_images, local_radius=local_radius,
+                                       conv_level=conv_level, kernel_size=kernel_size, query=query,
+                                       set_option=set_option)
+    except ProbeError as e:
+        raise _fail(str(e))
+    with _loading("loading torch and the model libraries"):
+        from .pipeline import analyze as run_analysis
 
     dist_run = None
     try:
@@ -172,7 +159,7 @@ def analyze(
         raise _fail(str(e))
     main = dist_run is None or dist_run.is_main
     try:
-        return _analyze(dist_run, main, model=model, weights=weights, random_init=random_init, images=images,
+        return _analyze(dist_run, main, checked, model=model, weights=weights, random_init=random_init, images=images,
                         workers=workers, layers=layers, num_images=num_images, batch_size=batch_size,
                         device=device, amp=amp, seed=seed, out=out, prefix_tokens=prefix_tokens, grid=grid,
                         patch_size=patch_size, input_size=input_size, mean=mean, std=std, fits=fits,
@@ -180,7 +167,7 @@ def analyze(
                         null_images=null_images, null_layers=null_layers, local_radius=local_radius,
                         kernel_size=kernel_size, conv_level=conv_level,
                         attribution=attribution, attribution_images=attribution_images, query=query,
-                        analysis=analysis, set_option=set_option, ConvLikeConfig=ConvLikeConfig,
+                        analysis=analysis, set_option=set_option,
                         run_analysis=run_analysis)
     finally:
         if dist_run is not None:
@@ -189,16 +176,18 @@ def analyze(
             shutdown()
 
 
-def _analyze(dist_run, main: bool, *, model, weights, random_init, images, workers, layers, num_images,
+def _analyze(dist_run, main: bool, checked, *, model, weights, random_init, images, workers, layers, num_images,
              batch_size, device, amp, seed, out, prefix_tokens, grid, patch_size, input_size, mean, std, fits,
              anisotropic, conv_test, null_seeds, null_images, null_layers, local_radius, kernel_size, conv_level,
-             attribution, attribution_images, query, analysis, set_option, ConvLikeConfig,
+             attribution, attribution_images, query, analysis, set_option,
              run_analysis) -> None:
     """``probe analyze`` after the distributed set-up: on a rank other than 0 (``main`` false)
-    the output folder is not checked, no progress or summary is shown and nothing is written."""
+    the output folder is not checked, no progress or summary is shown and nothing is written.
+    ``checked``: what :func:`_checked_options` returned before torch loaded (None: check now)."""
+    status = None
     try:
         try:
-            checked = _checked_options(main, model=model, out=out, input_size=input_size, mean=mean, std=std,
+            checked = checked or _checked_options(main, model=model, out=out, input_size=input_size, mean=mean, std=std,
                                        num_images=num_images, batch_size=batch_size,
                                        attribution_images=attribution_images, patch_size=patch_size,
                                        null_seeds=null_seeds, null_images=null_images, local_radius=local_radius,
@@ -212,24 +201,25 @@ def _analyze(dist_run, main: bool, *, model, weights, random_init, images, worke
         from .data import workers_default
         from .progress import RichProgress
 
-        progress_ctx = RichProgress(console) if main else contextlib.nullcontext(False)
+        status = _status("reading the model and the images") if main else None
+        progress_ctx = RichProgress(console, on_start=status.stop) if main else contextlib.nullcontext(False)
         with workers_default(workers), progress_ctx as progress:  # one bar per stage (capture, fits, ...)
-            with warnings.catch_warnings(record=True) as caught:
+            with warnings.catch_warnings(record=True) as caught, _cli_call():
                 warnings.simplefilter("always", UserWarning)
                 result = run_analysis(
                     model, images, layers=layers, weights=weights, random_init=random_init,
                     num_images=num_images, batch_size=batch_size, device=device, amp=amp,
-                    seed=seed, prefix_tokens=prefix_tokens, grid=_parse_grid(grid),
+                    seed=seed, prefix_tokens=prefix_tokens, grid=grid,
                     patch_size=patch_size, data_overrides=overrides, progress=progress,
                     fits=fits, anisotropic=anisotropic, conv_test=conv_test and fits,
-                    conv_config=ConvLikeConfig(kernel_size=kernel_size, r_local=local_radius,
-                                               level=conv_level, seed=seed),
+                    local_radius=local_radius, kernel_size=kernel_size, conv_level=conv_level,
                     null_seeds=null_seeds, null_images=null_images, null_layers=null_layers,
                     attribution=attribution, attribution_images=attribution_images,
-                    query=_query_pair(query), analyses=analysis or None,
+                    query=query, analyses=analysis or None,
                     analysis_options=analysis_options or None,
                     distributed=dist_run if dist_run is not None else False,
                 )
+        _stop(status)
         for w in caught:
             if "unreadable image" in str(w.message):
                 console.print(f"[yellow]warning:[/] {w.message}")
@@ -240,8 +230,10 @@ def _analyze(dist_run, main: bool, *, model, weights, random_init, images, worke
         result.meta["command"] = "probe " + shlex.join(sys.argv[1:])
         report = result.write_report(out_dir)
     except ProbeError as e:
+        _stop(status)
         raise _fail(str(e))
     except KeyboardInterrupt:
+        _stop(status)
         raise _interrupted()
     _summary(result)
     console.print(f"report: {report}\nheads table: {report.parent / 'heads.csv'}")
@@ -256,22 +248,16 @@ def _checked_options(main: bool, *, model, out, input_size, mean, std, num_image
     Raises:
         ProbeError: naming the bad option.
     """
-    overrides = {}
-    size = _parse_floats(input_size, 3, "--input-size")
-    if size is not None:
-        overrides["input_size"] = tuple(int(v) for v in size)
-    channels = overrides.get("input_size", (3,))[0]
-    for key, text in (("mean", mean), ("std", std)):
-        vals = _parse_floats(text, channels, f"--{key}")
-        if vals is not None:
-            overrides[key] = vals
-    from .result import check_output_dir
+    from .options import check_options, data_overrides_from
+    from .preflight import check_output_dir
+
+    overrides = data_overrides_from(None, input_size, mean, std) or {}
 
     out_dir = None
     if main:
         out_dir = check_output_dir(out if out is not None else
                                    Path("reports") / f"{_safe_name(model or 'cordonnier')}-{time.strftime('%Y%m%d-%H%M%S')}")
-    _check_options(num_images=num_images, batch_size=batch_size, attribution_images=attribution_images,
+    check_options(num_images=num_images, batch_size=batch_size, attribution_images=attribution_images,
                    patch_size=patch_size, null_seeds=null_seeds, null_images=null_images,
                    local_radius=local_radius, conv_level=conv_level, kernel_size=kernel_size,
                    overrides=overrides, query=query)
@@ -303,8 +289,8 @@ def _summary(result) -> None:
 
 @app.command()
 def train(
-    train_dir: Path = typer.Option(Path("../shared/data/cifar10-train"), "--train", help="training images: ROOT/<class>/<image>"),
-    test_dir: Optional[Path] = typer.Option(Path("../shared/data/cifar10-test"), "--test", help="test images for the final accuracy and the tracker's probe batch"),
+    train_dir: Optional[Path] = typer.Option(None, "--train", help="training images, ROOT/<class>/<image> (e.g. CIFAR-10's training set as JPEG or PNG files); required", show_default=False),
+    test_dir: Optional[Path] = typer.Option(None, "--test", help="test images, same classes: the final accuracy and the tracker's probe batch (default: none, no test accuracy or tracking)", show_default=False),
     out: Path = typer.Option(Path("runs/quadratic"), "--out", "-o", help="run folder (checkpoints, snapshots, logs, model.safetensors); an existing run there resumes"),
     attention: str = typer.Option("quadratic", "--attention", help="quadratic, generalized or relative (Cordonnier et al. 2020)"),
     dim: int = typer.Option(72, "--dim", help="width (paper: 400)"),
@@ -325,7 +311,20 @@ def train(
 ) -> None:
     """Train probe's attention-only CIFAR-10 model (Cordonnier et al. 2020 recipe), resumable."""
     from rich.progress import TimeElapsedColumn
-    from .cordonnier.train import TrainConfig, train as run_train
+
+    from .preflight import check_class_folder
+
+    try:  # checked before torch loads
+        if train_dir is None:
+            raise ProbeError("probe train needs --train FOLDER: training images in one sub-folder per class "
+                             "(ROOT/<class>/<image>); add --test FOLDER for the test accuracy")
+        check_class_folder(train_dir)
+        if test_dir is not None:
+            check_class_folder(test_dir)
+    except ProbeError as e:
+        raise _fail(str(e))
+    with _loading("loading torch"):
+        from .cordonnier.train import TrainConfig, train as run_train
 
     cfg = TrainConfig(train=str(train_dir), test=str(test_dir) if test_dir else None, out=str(out),
                       attention=attention, dim=dim, depth=depth, num_heads=heads, mlp_dim=mlp_dim,
@@ -334,15 +333,26 @@ def train(
                       max_minutes=max_minutes, max_steps=max_steps, track_every=track_every,
                       limit_train=limit_train)
     try:
-        with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                      TimeElapsedColumn(), TimeRemainingColumn(), console=console) as bar:
-            task = bar.add_task("train", total=None, info="")
+        with Progress(TextColumn("[bold]{task.description:<13}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                      console=console) as bar:
+            tasks: dict[str, int] = {}
 
-            def progress(step: int, total: int, row: dict) -> None:
-                bar.update(task, completed=step, total=total,
-                           info=f"epoch {row['epoch']:.2f} loss {row['train_loss']:.3f} acc {row['train_acc']:.3f}")
+            def decoding(role: str, done: int, total: int) -> None:
+                """One bar per image folder decoded (a cached folder shows none)."""
+                name = f"decode {role}"
+                if name not in tasks:
+                    tasks[name] = bar.add_task(name, total=total, info="images")
+                bar.update(tasks[name], completed=done, total=total)
 
-            summary = run_train(cfg, progress)
+            def progress(step: int, total: int, row: Optional[dict]) -> None:
+                if "train" not in tasks:
+                    tasks["train"] = bar.add_task("train", total=total, completed=step, info="")
+                info = {} if row is None else {
+                    "info": f"epoch {row['epoch']:.2f} loss {row['train_loss']:.3f} acc {row['train_acc']:.3f}"}
+                bar.update(tasks["train"], completed=step, total=total, **info)
+
+            summary = run_train(cfg, progress, decoding)
     except ProbeError as e:
         raise _fail(str(e))
     except KeyboardInterrupt:
@@ -357,21 +367,43 @@ def train(
 def compare(
     dirs: list[Path] = typer.Argument(..., help="two or more output folders of probe analyze (saved results)", show_default=False),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="output folder; default reports/compare-<timestamp>/"),
-    order: Optional[str] = typer.Option(None, "--order", help="'name' (folder names, ckpt2 before ckpt10) or a metadata key, e.g. weights or seed (numbers in numeric order); default: as given"),
+    order: Optional[str] = typer.Option(None, "--order", help="'name' (labels in natural order, ckpt2 before ckpt10) or a metadata key, e.g. weights or seed (numbers in numeric order); default: as given"),
+    labels: Optional[str] = typer.Option(None, "--labels", help="comma-separated names of the results, one per folder, in the order given (default: the folder names)"),
 ) -> None:
     """Compare saved analyses (models, or checkpoints of one model) on relative depth: compare.html."""
-    from .comparison import check_out_not_input, compare as run_compare, default_out_dir
-    from .result import check_output_dir
+    from .preflight import check_out_not_input, check_output_dir, check_result_folder, default_out_dir
 
-    try:
+    try:  # checked before the tables load
+        names = _split_labels(labels, len(dirs))
+        for d in dirs:
+            check_result_folder(d)
         out_dir = check_output_dir(out if out is not None else default_out_dir())
         check_out_not_input(out_dir, dirs)
-        report = run_compare([str(d) for d in dirs], order=order).write_report(out_dir)
+        with _loading("loading the saved results"):
+            from .comparison import compare as run_compare
+
+            comparison = run_compare([str(d) for d in dirs], labels=names, order=order)
+        report = comparison.write_report(out_dir)
     except ProbeError as e:
         raise _fail(str(e))
     except KeyboardInterrupt:
         raise _interrupted()
     console.print(f"comparison: {report}\nper-layer table: {report.parent / 'compare_layers.csv'}")
+
+
+def _split_labels(text: Optional[str], n: int) -> Optional[list[str]]:
+    """``--labels A,B,...`` as a list of ``n`` names (None when not given).
+
+    Raises:
+        ProbeError: another number of names than folders, or an empty name.
+    """
+    if text is None:
+        return None
+    names = [v.strip() for v in text.split(",")]
+    if len(names) != n or not all(names):
+        raise ProbeError(f"--labels {text!r} must give {n} non-empty comma-separated names, one per folder "
+                         f"(got {len([v for v in names if v])})")
+    return names
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,7 +16,9 @@ the image side) and entropy (nats, and divided by ``ln(number of keys)``) with *
 standard errors** from the reducers' Poisson-bootstrap replicates (the SD over replicates of the
 head-averaged replicate mean), the locality of the heads (fraction of local heads — the conv
 test's ``conv_local``: 90 % of a head's measured attention within ``r_local`` patches of its
-centre — and the median measured radius ``r90``), and the conv test's verdict. Differences to the
+centre — and the median measured radius ``r90`` over the heads that have a centre, see
+:func:`has_centre`: a non-local head's radius around an off-grid centre says nothing), and the
+conv test's verdict. Differences to the
 reference (the first result after ordering) pair each layer with the reference layer at the
 nearest relative depth; their standard error ``sqrt(se_a² + se_b²)`` treats the two estimates as
 independent (conservative when both runs saw the same images, which correlates them positively).
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -57,12 +58,12 @@ class Comparison:
         layers: one row per (model, layer): ``model, layer, num_layers, relative_depth, heads,
             image_side_px, grid, mean_distance_px (+ _se), mean_distance_side (+ _se),
             uniform_distance_side, entropy_nats (+ _se), entropy_norm (+ _se),
-            uniform_entropy_nats, frac_local, r_local_patches, r90_median_patches,
-            r90_median_side, conv_verdict, conv_n_taps, conv_score, conv_verdict_stability,
+            uniform_entropy_nats, frac_local, r_local_patches, r90_median_patches (over the heads
+            with a centre, :func:`has_centre`; NaN when none has one), r90_median_side, conv_verdict, conv_n_taps, conv_score, conv_verdict_stability,
             conv_kernel_size`` (conv columns NaN / empty without a conv test).
         heads: one row per (model, layer, head): ``model, layer, head, relative_depth,
-            mean_distance_side, entropy_nats`` and, with fits, ``delta_row, delta_col`` (patches),
-            ``r50_patches``, ``local``.
+            mean_distance_side, entropy_nats`` and, with fits, ``delta_row, delta_col`` (patches;
+            NaN for a head without a centre, :func:`has_centre`), ``r50_patches``, ``local``.
         differences: one row per (model other than the reference, layer): ``model, reference,
             layer, reference_layer, relative_depth, reference_relative_depth`` and for each
             quantity ``q`` of :data:`DIFF_WITH_SE` ``q_diff`` (model − reference), ``q_diff_se``,
@@ -125,11 +126,18 @@ class Comparison:
         return out / "compare.html"
 
     def _repr_html_(self) -> str:
+        """Notebook view: the models table and the distance and locality figures against
+        relative depth (the full report: :meth:`to_html` / :meth:`write_report`)."""
         import html
 
+        from .report.compare import comparison_figures
+        from .report.plots import to_data_uri
+
+        images = "".join(f"<img src='{to_data_uri(f, dpi=80)}' alt='{name}' style='max-width:100%'>"
+                         for name, f in comparison_figures(self, ("distance", "locality")).items())
         return (f"<div><b>probe Comparison</b> of {len(self.labels)} results "
                 f"({html.escape(', '.join(self.labels))}; reference {html.escape(self.reference)})"
-                f"{self.models_table().to_html(index=False, border=0)}</div>")
+                f"{self.models_table().to_html(index=False, border=0)}{images}</div>")
 
 
 def relative_depth(layer: int, num_layers: int) -> float:
@@ -187,7 +195,9 @@ def _layer_rows(label: str, result) -> tuple[list[dict], list[dict]]:
             local = (h["r90_empirical_patches"] <= r_local).to_numpy()
         else:
             local = None
-        r90 = float(h["r90_empirical_patches"].median()) if "r90_empirical_patches" in h else float("nan")
+        centred = has_centre(h, g.grid)
+        r90 = (float(h.loc[centred, "r90_empirical_patches"].median()) if "r90_empirical_patches" in h and centred.any()
+               else float("nan"))
         row = {
             "model": label, "layer": int(layer), "num_layers": n_layers, "relative_depth": rel,
             "heads": int(len(h)), "image_side_px": side, "grid": f"{g.grid[0]}x{g.grid[1]}",
@@ -212,12 +222,32 @@ def _layer_rows(label: str, result) -> tuple[list[dict], list[dict]]:
             d = {"model": label, "layer": int(layer), "head": int(hr["head"]), "relative_depth": rel,
                  "mean_distance_side": float(hr["mean_distance_px"]) / side, "entropy_nats": float(hr["entropy_nats"])}
             if "delta_row" in h:
-                d.update(delta_row=float(hr["delta_row"]), delta_col=float(hr["delta_col"]),
+                keep = bool(centred[h.index.get_loc(hr.name)])  # a head without a centre is not drawn
+                d.update(delta_row=float(hr["delta_row"]) if keep else float("nan"),
+                         delta_col=float(hr["delta_col"]) if keep else float("nan"),
                          r50_patches=float(hr.get("r50_patches", np.nan)))
             if local is not None:
                 d["local"] = bool(hr["conv_local"]) if "conv_local" in h else bool(hr["r90_empirical_patches"] <= r_local)
             head_rows.append(d)
     return rows, head_rows
+
+
+def has_centre(heads: pd.DataFrame, grid: tuple[int, int]) -> np.ndarray:
+    """Per head (rows of ``heads``, one layer), whether its fitted centre Δ means something: the
+    Gaussian fit is not ``non_local`` (α 0 or wider than half the grid) and Δ lies within the
+    grid's extent of offsets (``|Δ_row| <= rows − 1``, ``|Δ_col| <= cols − 1`` patches), where
+    some query could attend to it. Without fits (no Δ columns) every head counts.
+
+    Returns:
+        bool array ``(len(heads),)``.
+    """
+    ok = np.ones(len(heads), dtype=bool)
+    if "quad_status" in heads:
+        ok &= (heads["quad_status"] != "non_local").to_numpy()
+    if "delta_row" in heads and "delta_col" in heads:
+        dr, dc = heads["delta_row"].to_numpy(float), heads["delta_col"].to_numpy(float)
+        ok &= np.isfinite(dr) & np.isfinite(dc) & (np.abs(dr) <= grid[0] - 1) & (np.abs(dc) <= grid[1] - 1)
+    return ok
 
 
 def differences(layers: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
@@ -377,21 +407,4 @@ def compare(results: Sequence[Any], *, labels: Sequence[str] | None = None, orde
                       order=order)
 
 
-def check_out_not_input(out: str | Path, inputs: Sequence[str | Path]) -> None:
-    """Refuse an output folder that is (or lies inside) one of the compared result folders:
-    writing the comparison there would replace that saved result.
-
-    Raises:
-        ProbeError: naming the folder.
-    """
-    o = Path(out).resolve()
-    for d in inputs:
-        p = Path(d).resolve()
-        if o == p or p in o.parents:
-            raise ProbeError(f"--out {str(out)!r} is the compared result folder {str(d)!r} (or inside it); "
-                             "writing there would replace it — choose another --out")
-
-
-def default_out_dir() -> Path:
-    """``reports/compare-<timestamp>`` (the CLI's default ``--out``)."""
-    return Path("reports") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+from .preflight import check_out_not_input, default_out_dir  # noqa: E402,F401  (light: the CLI checks first)

@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ProbeError
+from .preflight import missing_image_path
 from .sources import HF_PREFIX, LazyImage
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -157,7 +158,7 @@ def _expand(source: str | Path) -> list[Path]:
         return [p]
     hits = sorted(Path(h) for h in glob.glob(str(source), recursive=True) if Path(h).is_file())
     if not hits and not any(ch in str(source) for ch in "*?["):
-        raise ProbeError(f"image path {str(source)!r} does not exist; pass a folder, file or glob to --images")
+        raise missing_image_path(source)
     return hits
 
 

@@ -15,7 +15,10 @@ What is the same as a single-process run:
 
 * every streaming statistic, to float64 rounding (sums are accumulated image by image in
   float64 and the batches are the single-process ones), hence ``heads.csv`` and ``layers.csv``
-  to about 1e-12 relative (tested with gloo on the CPU, ``tests/test_distributed.py``);
+  to about 1e-12 relative (tested with gloo on the CPU, ``tests/test_distributed.py``), as long
+  as the CPU's float32 matrix kernels round an image's row the same at any position in a chunk;
+  some do not (an AMD EPYC: about 1e-7 relative per image), and then the columns agree to
+  float32 rounding instead;
 * the bootstrap replicates: image ``i``'s Poisson weights are row ``i`` of one seeded stream,
   whichever rank reads it (:class:`~probe.analyses.reducers.LayerReducer`);
 * the analyses that use the first images (the example photo under the query maps, attribution,

@@ -28,9 +28,11 @@ from .capture import (
     parse_layers,
 )
 from .data import (ImageSet, TensorImages, collect_images, cpu_count, default_workers, eval_transform,
-                   iter_indexed_batches)
+                   iter_indexed_batches, workers_default)
 from .errors import CaptureError, ProbeError
 from .models import ResolvedModel, file_sha256, resolve_model
+from .options import CLI_CALL, conv_config_from, data_overrides_from, library_message, parse_grid, query_pair
+from .preflight import check_output_dir
 from .progress import ProgressReporter, make_progress
 from .result import AnalysisResult
 
@@ -87,6 +89,14 @@ def analyze(
     analyses: Sequence[str | Analysis | type] | None = None,
     analysis_options: dict[str, Any] | None = None,
     distributed: Any = False,
+    workers: int | None = None,
+    input_size: str | Sequence[int] | None = None,
+    mean: str | Sequence[float] | None = None,
+    std: str | Sequence[float] | None = None,
+    local_radius: float | None = None,
+    kernel_size: int | None = None,
+    conv_level: float | None = None,
+    out: str | Path | None = None,
     _geometries: dict | None = None,
 ) -> AnalysisResult | None:
     """Analyse the attention heads of ``model`` on ``images``.
@@ -110,7 +120,8 @@ def analyze(
         amp: run the forward pass under bf16 autocast on CUDA (statistics accumulate in float64).
         seed: seed for the image subset, random init and bootstrap weights.
         n_bootstrap: Poisson-bootstrap replicates kept by the reducers.
-        prefix_tokens, grid, patch_size: override the inferred token geometry.
+        prefix_tokens, grid, patch_size: override the inferred token geometry (``grid`` as
+            ``(rows, cols)`` or the command's text ``"14x14"``).
         data_overrides: timm data-config values (``input_size``, ``mean``, ``std``, ...).
         progress: named stages with bars (capture, quadratic fits, conv test, conv-test null,
             attribution; :mod:`probe.progress`): ``None`` (default) shows them in a terminal or
@@ -140,8 +151,8 @@ def analyze(
             skipped with a reason in ``meta["attribution_skipped"]`` for families without gates.
         attribution_images: the first N analysed images are attributed.
         ig_steps: integration steps of integrated gradients.
-        query: ``(row, col)`` of the query patch whose mean attention map the report shows
-            (CLI ``--query ROW,COL``); checked against the patch grid before any image is read;
+        query: ``(row, col)`` (or the text ``"ROW,COL"`` of ``--query``) of the query patch whose
+            mean attention map the report shows; checked against the patch grid before any image is read;
             default the central patch.
         analyses: further registered analyses to run, in addition to those the flags above
             select: names, registered classes or configured instances (``[Rollout(images=8)]``);
@@ -155,6 +166,15 @@ def analyze(
             ``analyze`` with the same arguments; each captures its shard of the images, the
             reducers' sums are all-reduced, and rank 0 runs the analyses and returns the result
             (equal to a single-process run's to float64 rounding); the other ranks return ``None``.
+        workers: image-decoding worker processes (0: in this process; default
+            :func:`probe.data.default_workers`).
+        input_size, mean, std: the model input's ``C,H,W`` and per-channel normalisation, as
+            text (``"3,224,224"``, ``"0.5"``) or sequences; added to ``data_overrides``.
+        local_radius, kernel_size, conv_level: the conv test's settings, as
+            the command's conv-test options (:data:`probe.options.CONV_KEYWORDS`; instead of
+            ``conv_config``, with ``seed``); ``None``: the defaults.
+        out: also write the report and the saved result there (``write_report``; the folder is
+            checked before any work, as ``probe analyze --out``); ``None``: nothing written.
         _geometries: internal: ``{layer index: TokenGeometry}`` of an analysed model, reused
             (instead of a dry run) for its random-init copies.
 
@@ -166,12 +186,22 @@ def analyze(
 
     Raises:
         ProbeError: for any bad input (model, weights, layers, images, device, geometry,
-            analyses and their options), before any image is read; in a distributed run on
-            every rank when one rank fails (:meth:`probe.distributed.Distributed.agree`).
+            analyses and their options), before any image is read (a message naming command-line
+            flags ends with their keyword forms, :func:`probe.options.library_message`); in a
+            distributed run on every rank when one rank fails
+            (:meth:`probe.distributed.Distributed.agree`).
     """
     t0 = time.perf_counter()
+    try:
+        grid, query = parse_grid(grid), query_pair(query)
+        data_overrides = data_overrides_from(data_overrides, input_size, mean, std)
+        conv_config = conv_config_from(conv_config, seed, local_radius=local_radius, kernel_size=kernel_size,
+                                       conv_level=conv_level)
+    except ProbeError as e:
+        raise _for_caller(e)
     dist_run = _distributed(distributed, device)
     try:
+        out_dir = check_output_dir(out) if out is not None and (dist_run is None or dist_run.is_main) else None
         _check_arguments(model, images, batch_size=batch_size, num_images=num_images, n_bootstrap=n_bootstrap,
                          seed=seed, null_seeds=null_seeds, null_images=null_images,
                          attribution_images=attribution_images, ig_steps=ig_steps, data_overrides=data_overrides)
@@ -188,16 +218,30 @@ def analyze(
     except Exception as e:
         if dist_run is not None:
             dist_run.agree(e)  # the other ranks learn of it at their agreement before the capture
-        raise
+        raise _for_caller(e)
     try:
-        return _run(model, images, selection, reporter, t0=t0, dev=dev, layers=layers, weights=weights,
-                    random_init=random_init, num_images=num_images, batch_size=batch_size, device=device,
-                    amp=amp, seed=seed, n_bootstrap=n_bootstrap, prefix_tokens=prefix_tokens, grid=grid,
-                    patch_size=patch_size, data_overrides=data_overrides, query=query, _geometries=_geometries,
-                    dist_run=dist_run)
+        with workers_default(workers):
+            result = _run(model, images, selection, reporter, t0=t0, dev=dev, layers=layers, weights=weights,
+                          random_init=random_init, num_images=num_images, batch_size=batch_size, device=device,
+                          amp=amp, seed=seed, n_bootstrap=n_bootstrap, prefix_tokens=prefix_tokens, grid=grid,
+                          patch_size=patch_size, data_overrides=data_overrides, query=query,
+                          _geometries=_geometries, dist_run=dist_run)
+        if out_dir is not None and result is not None:
+            result.write_report(out_dir)
+        return result
+    except ProbeError as e:
+        raise _for_caller(e)
     finally:
         if owned:
             reporter.close()
+
+
+def _for_caller(error: BaseException) -> BaseException:
+    """``error``, its message naming keywords and flags (:func:`probe.options.library_message`)
+    when it is a :class:`ProbeError` raised for a library caller (not the ``probe`` command)."""
+    if isinstance(error, ProbeError) and not CLI_CALL.get() and error.args:
+        error.args = (library_message(str(error.args[0])), *error.args[1:])
+    return error
 
 
 def _distributed(distributed: Any, device: Any) -> Any:

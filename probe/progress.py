@@ -19,8 +19,9 @@ plus one stage per further registered analysis that asks for one
 What ``analyze(progress=...)`` accepts (:func:`make_progress`):
 
 * ``None`` (default): bars where a person is watching — rich in a terminal (stderr is a TTY),
-  ``tqdm.auto`` in a Jupyter kernel — and nothing otherwise (pipes, logs, tests);
-* ``True``: always bars (rich; ``tqdm.auto`` in Jupyter); ``False``: nothing at all;
+  ``tqdm.notebook`` widgets in a Jupyter kernel with ``ipywidgets`` (plain text lines without
+  it, :class:`TextProgress`) — and nothing otherwise (pipes, logs, tests);
+* ``True``: always bars (rich; in Jupyter as for ``None``); ``False``: nothing at all;
 * a callable ``progress(done, total)`` (the original form): called after each batch of the
   ``capture`` stage only, ``done`` counting images (unreadable files included);
 * a callable ``progress(stage, done, total)``: called for every stage (``total`` may be ``None``
@@ -162,17 +163,23 @@ class RichProgress(ProgressReporter):
         console: a :class:`rich.console.Console` (default: a new one on stderr). rich renders
             into Jupyter as well.
         transient: remove the bars when the run ends.
+        on_start: called once before the first bar shows (e.g. to stop a spinner: rich shows one
+            live display at a time).
     """
 
-    def __init__(self, console: Any = None, transient: bool = False) -> None:
+    def __init__(self, console: Any = None, transient: bool = False, on_start: Callable[[], Any] | None = None) -> None:
         from rich.console import Console
 
         self.console = console if console is not None else Console(stderr=True)
         self.transient = transient
+        self.on_start = on_start
         self._bar: Any = None
 
     def _progress(self) -> Any:
         if self._bar is None:
+            if self.on_start is not None:
+                self.on_start()
+                self.on_start = None
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                        TimeRemainingColumn)
 
@@ -203,19 +210,22 @@ class RichProgress(ProgressReporter):
             self._bar = None
 
 
+def _widgets_work() -> bool:
+    """Whether ipywidgets imports (tqdm's notebook bars need its ``FloatProgress``)."""
+    try:
+        from ipywidgets import FloatProgress  # noqa: F401
+    except Exception:  # noqa: BLE001 - absent or broken: no widget bars
+        return False
+    return True
+
+
 class TqdmProgress(ProgressReporter):
-    """One ``tqdm.auto`` bar per stage: widgets in Jupyter when ``ipywidgets`` is installed,
-    tqdm's text bar otherwise (no "IProgress not found" warning)."""
+    """One ``tqdm.notebook`` widget bar per stage, for Jupyter with ``ipywidgets`` installed."""
 
     def stage(self, name: str, total: int | None = None) -> Stage:
-        import importlib.util
+        from tqdm.notebook import tqdm
 
-        if importlib.util.find_spec("ipywidgets") is not None:
-            from tqdm.auto import tqdm
-        else:
-            from tqdm.std import tqdm
-
-        bar = tqdm(total=total, desc=name, leave=True, dynamic_ncols=True)
+        bar = tqdm(total=total, desc=name, leave=True)
 
         class _Tqdm(Stage):
             def _show(self) -> None:
@@ -228,6 +238,49 @@ class TqdmProgress(ProgressReporter):
                 bar.close()
 
         return _Tqdm(name, total)
+
+
+class TextProgress(ProgressReporter):
+    """Plain text lines on ``stream`` (default ``sys.stderr``), never a carriage return or a
+    cursor-movement code: one line when a stage starts, one at most every ``every`` seconds while
+    it runs, and one when it ends, with its time. For Jupyter without ``ipywidgets`` (where
+    terminal bars would print escape codes into the cell) and for logs.
+
+    Args:
+        stream: a text stream with ``write`` (looked up at each write when ``None``).
+        every: seconds between the lines of a running stage.
+    """
+
+    def __init__(self, stream: Any = None, every: float = 10.0) -> None:
+        self.stream, self.every = stream, every
+
+    def stage(self, name: str, total: int | None = None) -> Stage:
+        import time
+
+        reporter = self
+
+        def write(text: str) -> None:
+            out = reporter.stream if reporter.stream is not None else sys.stderr
+            out.write(text + "\n")
+            out.flush()
+
+        class _Text(Stage):
+            start = last = time.monotonic()
+
+            def count(self) -> str:
+                return f"{self.done}/{self.total}" if self.total is not None else f"{self.done}"
+
+            def _show(self) -> None:
+                now = time.monotonic()
+                if not self.closed and now - self.last >= reporter.every:
+                    self.last = now
+                    write(f"{self.name}: {self.count()} ({now - self.start:.0f} s)")
+
+            def _finish(self) -> None:
+                write(f"{self.name}: {self.count()} done in {time.monotonic() - self.start:.1f} s")
+
+        write(f"{name}: started" + (f", {total} to do" if total is not None else ""))
+        return _Text(name, total)
 
 
 class ChildProgress(ProgressReporter):
@@ -286,7 +339,7 @@ def make_progress(progress: Any) -> tuple[ProgressReporter, bool]:
         return NullProgress(), True
     if progress is None or progress is True:
         if in_notebook():
-            return TqdmProgress(), True
+            return (TqdmProgress() if _widgets_work() else TextProgress()), True
         if progress is True or sys.stderr.isatty():
             return RichProgress(), True
         return NullProgress(), True

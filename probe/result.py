@@ -71,7 +71,7 @@ class AnalysisResult:
 
     def write_report(self, out_dir: str | Path, query: tuple[int, int] | int | None = None) -> Path:
         """Write ``report.html``, ``heads.csv``, ``layers.csv`` and ``images.txt`` to ``out_dir``,
-        with the saved-result files (``result.json``, ``stats.safetensors``, see :meth:`save`) so
+        with the saved-result files (``result.json``, ``stats.safetensors.gz``, see :meth:`save`) so
         that :func:`probe.load` reads the folder back.
 
         Everything is rendered in memory first and each file is written atomically
@@ -134,7 +134,7 @@ class AnalysisResult:
         to ``out_dir`` without a report; :func:`probe.load` reads it back.
 
         The folder format is described in :mod:`probe.saved` (``result.json``, ``heads.csv``,
-        ``layers.csv``, ``stats.safetensors``, ``extras.safetensors``, ``images.txt``; no pickle).
+        ``layers.csv``, ``stats.safetensors.gz``, ``extras.safetensors``, ``images.txt``; no pickle).
         :meth:`write_report` writes the same files beside ``report.html``, so every report
         folder loads as well. Written as one set (:func:`write_output_set`): an earlier probe
         output in ``out_dir`` is replaced as a whole.
@@ -237,66 +237,7 @@ _FIT_COLUMNS = frozenset((
     "quad_local", "quad_converged", "quad_status", "r90_empirical_patches"))
 
 
-#: The file in every output folder probe writes, listing the files of the set.
-MARKER = ".probe-output.json"
-
-
-def check_output_dir(out_dir: Any) -> Path:
-    """Check, before any work starts, that ``out_dir`` can receive probe's output set.
-
-    Refused: a non-path or empty path; an existing regular file; a path under a regular file; a
-    place where no folder can be created (read-only mount, ``/proc``, no permission — tested by
-    creating and removing a temporary folder beside it); an existing folder holding files probe
-    did not write (a folder written by an earlier probe run, listed in its ``.probe-output.json``,
-    or an empty folder, may be replaced).
-
-    Returns:
-        ``out_dir`` as a :class:`~pathlib.Path`.
-
-    Raises:
-        ProbeError: naming the problem and the fix.
-    """
-    from .errors import ProbeError
-
-    if isinstance(out_dir, bool) or not isinstance(out_dir, (str, os.PathLike)):
-        raise ProbeError(f"the output folder must be a path (str or pathlib.Path), got {type(out_dir).__name__}")
-    if not str(os.fspath(out_dir)).strip():
-        raise ProbeError("the output folder (--out) is empty; pass a folder path, e.g. --out reports/run1")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ProbeError(f"--out {str(out)!r} is an existing file, not a folder; pass a folder path")
-    anc = out
-    while not anc.exists():
-        if anc.parent == anc:
-            break
-        anc = anc.parent
-    if anc.exists() and not anc.is_dir():
-        raise ProbeError(f"--out {str(out)!r} lies under {str(anc)!r}, which is a file; pass a folder path")
-    probe_dir = anc if anc != out else out.parent
-    try:
-        tmp = tempfile.mkdtemp(dir=probe_dir, prefix=".probe-write-check-")
-        os.rmdir(tmp)
-    except OSError as e:
-        raise ProbeError(f"cannot write into {str(probe_dir)!r} for --out {str(out)!r} ({e.strerror or e}); "
-                         "choose a writable folder") from None
-    if out.is_dir():
-        ours = set(_marker_files(out))
-        theirs = sorted(p.name for p in out.iterdir() if p.name not in ours and p.name != MARKER)
-        if theirs:
-            shown = ", ".join(theirs[:5]) + (", ..." if len(theirs) > 5 else "")
-            raise ProbeError(f"--out {str(out)!r} already holds files probe did not write ({shown}); "
-                             "choose another folder, or empty this one")
-    return out
-
-
-def _marker_files(folder: Path) -> list[str]:
-    import json
-
-    try:
-        data = json.loads((folder / MARKER).read_text())
-        return [str(n) for n in data.get("files", [])]
-    except (OSError, ValueError, AttributeError):
-        return []
+from .preflight import MARKER, check_output_dir  # noqa: E402,F401  (checked before torch loads)
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -75,9 +75,13 @@ def test_relative_depth_and_image_side_units(two):
             assert t.loc[layer, "mean_distance_side_se"] == pytest.approx(_boot_se(st, "mean_distance_px") / 32, rel=1e-12)
             h = r.heads[r.heads.layer == layer]
             assert t.loc[layer, "frac_local"] == pytest.approx(h.conv_local.mean())
-            assert t.loc[layer, "r90_median_patches"] == pytest.approx(h.r90_empirical_patches.median())
+            # median r90 over the heads with a centre: fitted (not non-local) and on the grid's offsets
+            rows, cols = st.geometry.grid
+            hc = h[(h.quad_status != "non_local") & (h.delta_row.abs() <= rows - 1) & (h.delta_col.abs() <= cols - 1)]
+            r90 = hc.r90_empirical_patches.median()
+            assert t.loc[layer, "r90_median_patches"] == pytest.approx(r90, nan_ok=True)
             px = math.sqrt(np.prod(st.geometry.pixels_per_token))
-            assert t.loc[layer, "r90_median_side"] == pytest.approx(h.r90_empirical_patches.median() * px / 32)
+            assert t.loc[layer, "r90_median_side"] == pytest.approx(r90 * px / 32, nan_ok=True)
             assert t.loc[layer, "conv_verdict"] == r.layers.set_index("layer").loc[layer, "conv_verdict"]
 
 
@@ -210,3 +214,22 @@ def test_cli(two, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error:") and re.search(pattern, lines[0]), res.output
     assert not (tmp_path / "x").exists()
     shutil.rmtree(tmp_path / "o")
+
+
+def test_cli_labels_name_the_results_and_the_notebook_view_has_figures(two, tmp_path):
+    from typer.testing import CliRunner
+
+    from probe.cli import app
+
+    root, _, _ = two
+    run = CliRunner().invoke(app, ["compare", str(root / "a"), str(root / "a"), "--labels", "seed 0, seed 1",
+                                   "--out", str(tmp_path / "cmp")])
+    assert run.exit_code == 0, run.output
+    back = pd.read_csv(tmp_path / "cmp" / "compare_layers.csv")
+    assert list(dict.fromkeys(back.model)) == ["seed 0", "seed 1"]
+    bad = CliRunner().invoke(app, ["compare", str(root / "a"), str(root / "b"), "--labels", "x,y,z",
+                                   "--out", str(tmp_path / "cmp2")])
+    assert bad.exit_code == 2 and "--labels 'x,y,z' must give 2" in " ".join(bad.output.split())
+    assert not (tmp_path / "cmp2").exists()
+    html = probe.compare([root / "a", root / "b"])._repr_html_()
+    assert html.count("<img src='data:image/png;base64,") == 2 and "<table" in html

@@ -353,3 +353,34 @@ def test_trajectory_verdicts_over_the_last_part_of_training():
     assert (early.conv_verdict != "conv-like").all()
     with pytest.raises(probe.ProbeError):
         trajectory_verdicts(r, last=0)
+
+
+def test_training_feedback_decoding_cache_and_log(tmp_path, monkeypatch):
+    """The total is known before the first step, decoding reports its progress and is cached for
+    the next start, --limit-train decodes only those files, and a run stopped between logged
+    steps writes a train_log.csv with its header and its last steps' row."""
+    from probe.cordonnier.train import LOG_COLUMNS, TrainConfig, load_folder, train
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    _tiny_dataset(tmp_path / "train")
+    _tiny_dataset(tmp_path / "test", n_per_class=4)
+    kw = dict(train=str(tmp_path / "train"), test=str(tmp_path / "test"), dim=18, depth=2, num_heads=9,
+              mlp_dim=18, epochs=2, batch_size=8, track_every=0, log_every=50)
+    calls, decoded = [], []
+    first = train(TrainConfig(out=str(tmp_path / "a"), max_minutes=0, **kw),
+                  lambda step, total, row: calls.append((step, total, row)),
+                  lambda role, done, total: decoded.append((role, done, total)))
+    assert calls[0] == (0, 6, None)  # 24 images / 8 = 3 steps per epoch, 2 epochs: known at once
+    assert decoded[-1] == ("test", 8, 8) and ("train", 24, 24) in decoded
+    assert first["steps"] == 1 and not first["finished"]
+    log = pd.read_csv(tmp_path / "a" / "train_log.csv")
+    assert list(log.columns) == list(LOG_COLUMNS) and log.step.tolist() == [1]
+    decoded.clear()
+    train(TrainConfig(out=str(tmp_path / "b"), max_steps=1, **kw), None, lambda *a: decoded.append(a))
+    assert decoded == []  # both folders came from the cache
+    x, y, _ = load_folder(tmp_path / "train", cache=False)
+    xc, yc, _ = load_folder(tmp_path / "train")
+    assert torch.equal(x, xc) and torch.equal(y, yc)
+    few = []
+    xl, yl, _ = load_folder(tmp_path / "train", limit=5, progress=lambda d, t: few.append((d, t)))
+    assert few == [(5, 5)] and torch.equal(xl, x[:5]) and torch.equal(yl, y[:5])

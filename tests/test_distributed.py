@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import socket
 import subprocess
@@ -27,7 +28,7 @@ from typer.testing import CliRunner
 import probe
 from probe.analyses.distance_modes import DistanceModesReducer
 from probe.analyses.nmi import NmiReducer
-from probe.analyses.reducers import LayerReducer, merge_states
+from probe.analyses.reducers import FEATURES, LayerReducer, feature_tables, merge_states
 from probe.cli import app
 from probe.data import ImageSet, iter_indexed_batches
 from probe.distributed import check_mergeable, shard_range
@@ -179,31 +180,78 @@ def _feed(reducer, attn: torch.Tensor, index: list[int] | None, batch: int):
     return reducer
 
 
+#: float32 unit roundoff
+U32 = 2.0 ** -24
+
+
+def float32_feature_bound(g: TokenGeometry) -> torch.Tensor:
+    """How far two float32 evaluations of one image's features (:data:`FEATURES` order, float64
+    ``(F,)``) can differ when their kernels add in other orders (another chunk position, thread
+    count or CPU): twice the classical bound ``m * u * sum |terms|`` of an ``m``-term float32 sum.
+
+    * table features: ``A' = A / sum_k A`` (``P`` terms, one division) then ``sum_k A' T`` (``P``
+      terms, ``sum_k A' = 1``) per query, averaged over queries: ``(2P + 2) u max|T|``;
+    * entropy: one float32 sum of ``P * T`` terms ``p ln p`` (``|sum| <= P ln T``; ``ln`` and the
+      product add 2 u each), divided by ``P``: ``(P T + 4) u ln T``;
+    * prefix mass: one float32 sum of ``P * prefix`` terms in [0, 1], divided by ``P``.
+    """
+    p, t, n_pre = g.num_patches, g.num_tokens, g.num_prefix_tokens
+    table = feature_tables(g).abs().amax(0) * p  # (7,) max |T| per table column
+    per = {name: (2 * p + 2) * U32 * float(table[i]) for i, name in
+           enumerate(("mean_distance_patches", "mean_distance_px", "phi_row", "phi_col", "phi_row2",
+                      "phi_col2", "phi_rowcol"))}
+    per["entropy_nats"] = (p * t + 4) * U32 * math.log(t)
+    per["prefix_mass"] = (p * n_pre + 1) * U32
+    return 2 * torch.tensor([per[f] for f in FEATURES], dtype=torch.float64)
+
+
+def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor) -> None:
+    """``|actual - expected| <= bound`` elementwise (``bound`` broadcast), with the worst ratio."""
+    ratio = ((actual - expected).abs() / bound).max()
+    assert ratio <= 1, f"differs by {float(ratio):.3g} times the float32 bound"
+
+
 def test_layer_reducer_states_merge_to_the_one_pass_sums_and_keyed_bootstrap():
     g = TokenGeometry(1, (3, 4), (8.0, 8.0))
-    attn = _attention(23, 2, g.num_tokens, seed=1)
-    index = list(range(23))
+    n = 23
+    attn = _attention(n, 2, g.num_tokens, seed=1)
+    index = list(range(n))
     one = _feed(LayerReducer(3, g, n_bootstrap=7, seed=2), attn, index, batch=5).result()
     # unequal shards at a non-batch boundary, other batch sizes
     parts = [_feed(LayerReducer(3, g, n_bootstrap=7, seed=2), attn[:9], index[:9], batch=2),
              _feed(LayerReducer(3, g, n_bootstrap=7, seed=2), attn[9:], index[9:], batch=4)]
+    states = [p.state() for p in parts]
     merged = LayerReducer(3, g, n_bootstrap=7, seed=2)
-    merged.load_state(merge_states([p.state() for p in parts] + [LayerReducer(3, g, 7, 2).state()]))
+    merged.load_state(merge_states(states + [LayerReducer(3, g, 7, 2).state()]))
     two = merged.result()
-    assert two.n_images == one.n_images == 23
+    assert two.n_images == one.n_images == n
+    # The merge is float64 addition of the shards' sums: equal to adding them by hand.
     for k in ("attn_sum", "feat_sum", "feat_sumsq", "boot_sum", "boot_weight"):
-        torch.testing.assert_close(getattr(two, k), getattr(one, k), rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(getattr(two, k), states[0][k] + states[1][k], rtol=1e-15, atol=0)
+    # One pass vs shards: the same images, their float32 features computed at other chunk
+    # positions (matrix kernels of some CPUs round a row by its position: ~1e-7 relative on an
+    # AMD EPYC), so equal to the float32 bound of each image's features, summed over the images.
+    d = float32_feature_bound(g)  # (F,) per image
+    big = one.feat_sum.abs().amax(0) / n + d  # (F,) bound on |feature| of one image (the mean's scale)
+    assert_within(two.feat_sum, one.feat_sum, n * d)
+    assert_within(two.feat_sumsq, one.feat_sumsq, n * (2 * big * d + d * d))
+    assert_within(two.attn_sum, one.attn_sum, n * 2 * (g.num_patches + 1) * U32)  # A' entries in [0, 1]
+    torch.testing.assert_close(two.boot_weight, one.boot_weight, rtol=0, atol=0)  # integer counts
+    assert_within(two.boot_sum, one.boot_sum, one.boot_weight[:, None, None] * d)
     # the keyed bootstrap, written out: image i's weights are row i of one seeded stream
-    w = torch.poisson(torch.ones(23, 7, dtype=torch.float64), torch.Generator().manual_seed(2 * 1_000_003 + 3))
+    w = torch.poisson(torch.ones(n, 7, dtype=torch.float64), torch.Generator().manual_seed(2 * 1_000_003 + 3))
     per_image = torch.stack([_feed(LayerReducer(3, g, n_bootstrap=0), attn[i:i + 1], [0], 1).result().feat_sum
-                             for i in range(23)])  # (23, heads, F)
-    torch.testing.assert_close(one.boot_weight, w.sum(0))
-    torch.testing.assert_close(one.boot_sum, torch.einsum("ir,ihf->rhf", w, per_image), rtol=1e-10, atol=1e-10)
+                             for i in range(n)])  # (n, heads, F), each computed alone
+    torch.testing.assert_close(one.boot_weight, w.sum(0), rtol=0, atol=0)
+    assert_within(one.boot_sum, torch.einsum("ir,ihf->rhf", w, per_image), w.sum(0)[:, None, None] * d)
     # images that never arrive (other ranks, unreadable files) keep their rows: the rest is unchanged
     some = [0, 1, 4, 5, 6, 11, 20]
     sub = _feed(LayerReducer(3, g, n_bootstrap=7, seed=2), attn[some], some, batch=3).result()
-    torch.testing.assert_close(sub.boot_sum, torch.einsum("ir,ihf->rhf", w[some], per_image[some]),
-                               rtol=1e-10, atol=1e-10)
+    assert_within(sub.boot_sum, torch.einsum("ir,ihf->rhf", w[some], per_image[some]),
+                  w[some].sum(0)[:, None, None] * d)
+    # the bound can fail: one image dropped from a replicate, or weighted by another's row
+    assert (sub.boot_sum - torch.einsum("ir,ihf->rhf", w[some[:-1]], per_image[some[:-1]])).abs().amax() \
+        > 1e3 * (w[some].sum(0)[:, None, None] * d).amax()
 
 
 def test_layer_reducer_refuses_indices_that_do_not_increase():

@@ -21,6 +21,8 @@ def test_every_plot_function_returns_a_figure_without_global_state():
     for name in probe.plot.__all__:
         fig = getattr(probe.plot, name)(res)
         assert isinstance(fig, Figure), name
+        png = fig._repr_png_()  # IPython's display protocol: inline in a fresh kernel, no pyplot
+        assert png[:8] == b"\x89PNG\r\n\x1a\n", name
     assert isinstance(probe.plot.centres(res, layer=3), Figure)
     assert isinstance(probe.plot.attention_maps(res, query=(0, 15)), Figure)
     assert len(probe.plot.rollout(res).axes) == 3  # one panel per image

@@ -82,13 +82,25 @@ def test_bad_progress_values_are_refused_before_any_work():
     assert isinstance(rep, CallbackProgress) and not owned
 
 
-def test_in_a_notebook_the_default_is_tqdm(monkeypatch, capfd):
+def test_in_a_notebook_the_default_is_widgets_or_plain_text_lines(monkeypatch, capfd):
     import probe.progress as pp
 
     monkeypatch.setattr(pp, "in_notebook", lambda: True)
+    monkeypatch.setattr(pp, "_widgets_work", lambda: True)
     rep, owned = make_progress(None)
     assert isinstance(rep, pp.TqdmProgress) and owned
     assert isinstance(make_progress(False)[0], pp.NullProgress)  # False still wins
-    with rep.stage("capture", 4) as s:
-        s.advance(4)
-    assert "capture" in capfd.readouterr().err
+    # without ipywidgets: plain lines, even for stages that overlap (tqdm's text bars would move
+    # the cursor with escape codes, which a notebook cell prints as they are)
+    monkeypatch.setattr(pp, "_widgets_work", lambda: False)
+    rep, owned = make_progress(True)
+    assert isinstance(rep, pp.TextProgress) and owned
+    with rep.stage("conv test", 2) as outer:
+        with rep.stage("conv-test null", 3) as inner:
+            inner.advance(3)
+        outer.advance(2)
+    err = capfd.readouterr().err
+    assert "\x1b" not in err and "\r" not in err
+    lines = err.splitlines()
+    assert lines[0] == "conv test: started, 2 to do" and lines[1] == "conv-test null: started, 3 to do"
+    assert lines[2].startswith("conv-test null: 3/3 done in ") and lines[3].startswith("conv test: 2/2 done in ")

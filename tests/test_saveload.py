@@ -99,14 +99,17 @@ def test_loaded_result_rerenders_the_same_report(saved, tmp_path):
 
 
 def test_folder_is_readable_without_probe(saved):
-    """The format is plain files: standard JSON (no NaN literals), CSV tables, safetensors."""
-    from safetensors.torch import load_file
+    """The format is plain files: standard JSON (no NaN literals), CSV tables, gzip-compressed
+    safetensors."""
+    import gzip
+
+    from safetensors.torch import load
 
     doc = json.loads((saved / RESULT_FILE).read_text(), parse_constant=lambda c: pytest.fail(f"non-standard {c}"))
     assert doc["format"] == FORMAT and doc["kind"] == "probe.AnalysisResult"
     heads = pd.read_csv(saved / "heads.csv")
     assert len(heads) == 9 and {"layer", "head", "mean_distance_px"} <= set(heads.columns)
-    t = load_file(str(saved / STATS_FILE))
+    t = load(gzip.decompress((saved / STATS_FILE).read_bytes()))
     assert t["layer0.attn_sum"].shape == (3, 16, 16)  # 3 heads, 4x4 grid
     marker = json.loads((saved / ".probe-output.json").read_text())
     assert {RESULT_FILE, STATS_FILE, "report.html", "heads.csv"} <= set(marker["files"])
@@ -172,7 +175,7 @@ def _copy(saved, tmp_path):
 
 
 @pytest.mark.parametrize("fmt, pattern", [
-    (FORMAT + 1, r"format 2 .*reads format 1: upgrade probe"),
+    (FORMAT + 1, rf"format {FORMAT + 1} .*reads format 1, 2: upgrade probe"),
     (0, r"format 0 .*probe version that wrote it"),
     ("1", r"format '1'"),
 ])
@@ -270,3 +273,19 @@ def test_cli_output_folder_loads(tmp_path):
     pd.testing.assert_frame_equal(loaded.heads, pd.read_csv(out / "heads.csv"), check_exact=True)
     assert loaded.meta["command"].startswith("probe ") and loaded.meta["num_images"] == 3  # sys.argv of pytest here
     assert loaded.stats[0].n_images == 3
+
+
+def test_format_1_folders_with_uncompressed_statistics_still_load(saved, tmp_path):
+    """Format 1 wrote ``stats.safetensors`` uncompressed; format 2 gzips it: both load bit-equal."""
+    import gzip
+
+    d = _copy(saved, tmp_path)
+    doc = json.loads((d / RESULT_FILE).read_text())
+    (d / "stats.safetensors").write_bytes(gzip.decompress((d / STATS_FILE).read_bytes()))
+    (d / STATS_FILE).unlink()
+    doc["format"], doc["files"]["stats"] = 1, "stats.safetensors"
+    (d / RESULT_FILE).write_text(json.dumps(doc))
+    old, new = probe.load(d), probe.load(saved)
+    for layer in new.stats:
+        for field in ("attn_sum", "feat_sum", "feat_sumsq", "boot_sum", "boot_weight"):
+            assert torch.equal(getattr(old.stats[layer], field), getattr(new.stats[layer], field))

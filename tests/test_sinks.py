@@ -95,7 +95,8 @@ def test_streaming_does_not_depend_on_batches():
     for k in a:
         np.testing.assert_array_equal(a[k].patch_hist, b[k].patch_hist)
         np.testing.assert_array_equal(a[k].position_counts, b[k].position_counts)
-        np.testing.assert_allclose(a[k].mass_outliers, b[k].mass_outliers, rtol=1e-9)
+        # float32 attention of other batch shapes: equal to float32 rounding, not bit for bit
+        np.testing.assert_allclose(a[k].mass_outliers, b[k].mass_outliers, rtol=1e-5)
         np.testing.assert_allclose(a[k].prefix_norm_mean, b[k].prefix_norm_mean, rtol=1e-5)
 
 

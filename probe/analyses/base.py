@@ -368,7 +368,7 @@ def unregister_analysis(name: str) -> None:
 
 #: Output-folder files of probe itself, which an analysis's :meth:`Analysis.files` may not replace.
 RESERVED_FILES = frozenset({"report.html", "heads.csv", "layers.csv", "images.txt", "result.json",
-                            "stats.safetensors", "extras.safetensors"})
+                            "stats.safetensors", "stats.safetensors.gz", "extras.safetensors"})
 
 
 def analysis_files(heads: "pd.DataFrame", layers: "pd.DataFrame", meta: dict[str, Any],

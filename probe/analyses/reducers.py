@@ -333,10 +333,13 @@ class LayerReducer:
     Per-image features wait in a buffer of at most :data:`FLUSH_IMAGES` images (or one batch)
     and are folded into the float64 sums, squares and bootstrap sums together, so memory stays
     fixed and a small batch costs few operations; the sum of ``A'`` is added in float64 chunk by
-    chunk. Every sum is therefore independent, to float64 rounding (about 1e-16 relative), of how
-    the images were split into batches or among processes, and :meth:`state` /
-    :meth:`load_state` merge the sums of disjoint image sets (a distributed run,
-    :mod:`probe.distributed`).
+    chunk. The sums add each image's values in float64, whatever the split of the images into
+    batches or among processes, and :meth:`state` / :meth:`load_state` merge the sums of
+    disjoint image sets exactly as float64 addition (a distributed run, :mod:`probe.distributed`).
+    Each image's values themselves come from float32 products and sums over its keys, which a
+    CPU's matrix kernels may round differently by the image's position in a chunk or the thread
+    count (seen on AMD EPYC CPUs): another split agrees to float32 rounding (about 1e-7 relative
+    per image), not bit for bit.
 
     Bootstrap weights are keyed by image index: image ``i`` (``image_index`` of :meth:`update`;
     default the count of images before it) gets row ``i`` of one seeded stream of Poisson(1)
@@ -474,9 +477,9 @@ class LayerReducer:
     def _reduce_staged(self) -> None:
         """Reduce the images waiting in the staging chunk, always as a whole chunk (the rows
         after the waiting images are left over and their results dropped): every staged image is
-        then computed in operations of the same shapes, so its float32 features do not depend on
-        which images share its chunk (matrix kernels may round differently for other shapes),
-        whatever the batch split or the sharding across ranks."""
+        then computed in operations of the same shapes (matrix kernels may round differently for
+        other shapes), so its float32 features depend on the batch split or the sharding across
+        ranks at most through its row's position in the chunk (float32 rounding)."""
         if self._nstage:
             n, self._nstage = self._nstage, 0
             self._make_room(n)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
-import socket
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,7 +24,7 @@ from torch import nn
 
 from ..errors import ProbeError
 
-HUB_HOST = "huggingface.co"
+from ..preflight import HUB_HOST, check_weights_path, hub_reachable  # noqa: F401  (sources call checkpoint.hub_reachable)
 
 
 def file_sha256(path: str | Path) -> str | None:
@@ -42,20 +41,6 @@ def file_sha256(path: str | Path) -> str | None:
         return None
 
 
-def hub_reachable(host: str = HUB_HOST, timeout: float = 3.0) -> bool:
-    """True when a TCP connection to ``host:443`` opens within ``timeout`` seconds.
-
-    ``HF_HUB_OFFLINE=1`` in the environment counts as unreachable.
-    """
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
-        return False
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint file without executing pickled code.
 
@@ -69,11 +54,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     Raises:
         ProbeError: if the file is missing, is not a checkpoint, or holds pickled code.
     """
-    p = Path(path)
-    if p.is_dir():
-        raise ProbeError(f"--weights {str(p)!r} is a folder, not a checkpoint file; pass the .safetensors or .pth file in it")
-    if not p.is_file():
-        raise ProbeError(f"weights file {str(p)!r} not found; pass an existing --weights FILE")
+    p = check_weights_path(path)
     if p.suffix.lower() == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file

@@ -8,7 +8,6 @@ naming ``--weights`` / ``--random-init``. The data config is timm's ``pretrained
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 from torch import nn
@@ -17,24 +16,7 @@ from ..errors import ProbeError
 from . import checkpoint
 from .base import Constructor, ModelSource, scheme_of
 
-#: Short names accepted by ``--model``, mapped to timm model names.
-ALIASES: dict[str, str] = {
-    "vit_tiny": "vit_tiny_patch16_224",
-    "vit_small": "vit_small_patch16_224",
-    "vit_base": "vit_base_patch16_224",
-    "vit_large": "vit_large_patch16_224",
-    "vit_small_hybrid": "vit_small_r26_s32_224",
-    "vit_base_hybrid": "vit_base_r50_s16_224",
-    "deit_tiny": "deit_tiny_patch16_224",
-    "deit_small": "deit_small_patch16_224",
-    "deit_base": "deit_base_patch16_224",
-    "deit_tiny_distilled": "deit_tiny_distilled_patch16_224",
-    "deit_small_distilled": "deit_small_distilled_patch16_224",
-    "deit_base_distilled": "deit_base_distilled_patch16_224",
-    "dinov2_small": "vit_small_patch14_dinov2",
-    "dinov2_small_reg": "vit_small_patch14_reg4_dinov2",
-    "swin_tiny": "swin_tiny_patch4_window7_224",
-}
+from ..preflight import ALIASES, offline_weights_error, unknown_timm_model  # noqa: F401  (ALIASES: public here)
 
 
 def resolve_name(name: str) -> str:
@@ -49,17 +31,10 @@ def resolve_name(name: str) -> str:
     import timm
 
     full = ALIASES.get(name, name)
-    if full in timm.list_models():
+    known = timm.list_models()
+    if full in known:
         return full
-    known = sorted(set(timm.list_models()) | set(ALIASES))
-    close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
-    if not close:
-        close = [m for m in known if name.split("_")[0] in m][:5]
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise ProbeError(
-        f"unknown model {name!r}{hint} (timm names, the aliases {', '.join(sorted(ALIASES)[:6])}..., "
-        "or package.module:factory)"
-    )
+    raise unknown_timm_model(name, known)
 
 
 def cached_hub_file(hub_id: str) -> str | None:
@@ -86,11 +61,7 @@ def from_hub(name: str) -> tuple[nn.Module, str]:
         if cached is not None:
             checkpoint.apply_state_dict(probe_net, checkpoint.load_state_dict(cached), name, cached)
             return probe_net, f"hub {hub_id} (local cache {cached})"
-        raise ProbeError(
-            f"pretrained weights for {name!r} need the Hugging Face hub ({checkpoint.HUB_HOST}), which is not "
-            "reachable; pass a local checkpoint with --weights FILE (or --random-init to analyse "
-            "untrained weights explicitly)"
-        )
+        raise offline_weights_error(name)
     try:
         net = timm.create_model(name, pretrained=True)
     except Exception as e:

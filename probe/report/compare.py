@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
-from matplotlib.figure import Figure
+from .figure import Figure
 
 from .plots import to_data_uri
 
@@ -215,6 +215,30 @@ _DIFF_COLUMNS = {
 }
 
 
+def comparison_figures(comp, which: tuple[str, ...] = ("distance", "entropy", "locality", "conv", "delta")) -> dict[str, Figure]:
+    """The comparison's figures by name (``distance``, ``entropy``, ``locality``, and ``conv`` /
+    ``delta`` where the results have them), those in ``which`` only.
+
+    Args:
+        comp: a :class:`probe.comparison.Comparison`.
+    """
+    labels = comp.labels
+    makers = {
+        "distance": lambda: depth_figure(
+            comp.layers, comp.heads, labels, "mean_distance_side", "mean attention distance / image side",
+            "Mean attention distance against relative depth (Raghu et al. 2021)",
+            reference="uniform_distance_side"),
+        "entropy": lambda: depth_figure(
+            comp.layers, comp.heads, labels, "entropy_nats", "attention entropy (nats)",
+            "Attention entropy against relative depth (Park et al. 2023)", reference="uniform_entropy_nats"),
+        "locality": lambda: locality_figure(comp.layers, labels),
+        "conv": lambda: conv_score_figure(comp.layers, labels),
+        "delta": lambda: delta_panels_figure(comp.heads, comp.layers, labels),
+    }
+    figures = {name: makers[name]() for name in which}
+    return {k: f for k, f in figures.items() if f is not None}
+
+
 def render_comparison(comp) -> str:
     """The comparison report (one HTML string, figures as PNG data URIs, no network when opened).
 
@@ -224,30 +248,18 @@ def render_comparison(comp) -> str:
     from .render import _fmt, table_html
 
     labels = comp.labels
-    figures = {
-        "distance": to_data_uri(depth_figure(
-            comp.layers, comp.heads, labels, "mean_distance_side", "mean attention distance / image side",
-            "Mean attention distance against relative depth (Raghu et al. 2021)",
-            reference="uniform_distance_side")),
-        "entropy": to_data_uri(depth_figure(
-            comp.layers, comp.heads, labels, "entropy_nats", "attention entropy (nats)",
-            "Attention entropy against relative depth (Park et al. 2023)", reference="uniform_entropy_nats")),
-        "locality": to_data_uri(locality_figure(comp.layers, labels)),
-    }
-    conv = conv_score_figure(comp.layers, labels)
-    if conv is not None:
-        figures["conv"] = to_data_uri(conv)
-    delta = delta_panels_figure(comp.heads, comp.layers, labels)
-    if delta is not None:
-        figures["delta"] = to_data_uri(delta, dpi=90)
+    figures = {k: to_data_uri(f, dpi=90 if k == "delta" else 110) for k, f in comparison_figures(comp).items()}
     verdicts = verdict_table(comp.layers, labels)
     summaries = []
     for label, r in zip(labels, comp.results):
         cl = r.extras.get("convlike")
         if cl is not None:
             summaries.append((label, cl.summary()))
-    lt = comp.layers[[c for c in _LAYER_COLUMNS if c in comp.layers]].rename(columns=_LAYER_COLUMNS)
-    dt = comp.differences[[c for c in _DIFF_COLUMNS if c in comp.differences]].rename(columns=_DIFF_COLUMNS)
+    from .heads_table import mark_deterministic
+
+    lt = mark_deterministic(comp.layers[[c for c in _LAYER_COLUMNS if c in comp.layers]]).rename(columns=_LAYER_COLUMNS)
+    dt = mark_deterministic(comp.differences[[c for c in _DIFF_COLUMNS if c in comp.differences]]).rename(
+        columns=_DIFF_COLUMNS)
     env = Environment(loader=PackageLoader("probe.report", "templates"), autoescape=select_autoescape(["html", "j2"]))
     env.filters["fmt"] = _fmt
     import time

@@ -9,7 +9,8 @@ Rules (each sentence names its numbers; nothing here reads tensors):
   patch of the kernel's pixel offsets (± bootstrap SE), the grid test's p-value and the verdict's
   stability (or "exact" when the attention does not depend on the image); borderline and "local
   but not grid" layers named as such; the model-level verdict last.
-* **depth trend**: mean attention distance of the first and last analysed layer.
+* **depth trend**: the Spearman rank correlation of mean attention distance with layer index,
+  in words (:func:`depth_trend`), with the layers' lowest and highest values.
 
 "Local" has two meanings in probe, named apart here: a *local head* (conv test) holds 90 % of its
 measured attention within the locality radius of its centre; the Gaussian fit's status
@@ -38,6 +39,42 @@ def _num(v: float, digits: int = 1) -> str:
 
 def _and(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+#: |Spearman ρ| from which the depth trend is called steady / a tendency; below: no monotone trend.
+STEADY_RHO, TREND_RHO = 0.8, 0.5
+
+
+def depth_trend(layers: pd.DataFrame, column: str = "mean_distance_px") -> str:
+    """One sentence on how ``column`` (mean attention distance, px) changes with depth, from the
+    Spearman rank correlation ρ between layer index and value over the analysed layers (at
+    least 3; else ""): |ρ| = 1 "at every layer", |ρ| >= :data:`STEADY_RHO` "steadily",
+    |ρ| >= :data:`TREND_RHO` "tends to ..., not monotonically", else "no monotone trend"; with
+    the first, last, lowest and highest layer's values, so a profile such as 5.5 → 8.9 → 4.7 →
+    6.0 → 7.4 → 7.3 px is not summarised by its ends alone."""
+    from scipy.stats import spearmanr
+
+    t = layers.sort_values("layer")
+    if len(t) < 3 or column not in t:
+        return ""
+    v, ls = t[column].to_numpy(float), t["layer"].astype(int).to_numpy()
+    if not np.isfinite(v).all():
+        return ""
+    ends = f"from {_num(v[0])} px (layer {ls[0]}) to {_num(v[-1])} px (layer {ls[-1]})"
+    span = (f"lowest {_num(v.min())} px (layer {ls[int(np.argmin(v))]}), highest {_num(v.max())} px "
+            f"(layer {ls[int(np.argmax(v))]})")
+    if np.ptp(v) <= 1e-9 * max(1.0, float(np.abs(v).max())):
+        return f"Mean attention distance is the same at every analysed layer ({_num(v[0])} px)."
+    rho = float(spearmanr(ls, v).statistic)
+    stat = f"Spearman ρ = {rho:.2f} over {len(v)} layers"
+    word = "grows" if rho > 0 else "shrinks"
+    if abs(rho) >= 1 - 1e-12:
+        return f"Mean attention distance {word} at every layer ({stat}), {ends}."
+    if abs(rho) >= STEADY_RHO:
+        return f"Mean attention distance {word} steadily with depth ({stat}), {ends}."
+    if abs(rho) >= TREND_RHO:
+        return f"Mean attention distance tends to {word[:-1]} with depth, not monotonically ({stat}; {span})."
+    return f"Mean attention distance shows no monotone trend with depth ({stat}; {span}, {ends})."
 
 
 def findings(heads: pd.DataFrame, layers: pd.DataFrame, meta: dict[str, Any], extras: dict[str, Any]) -> list[str]:
@@ -109,11 +146,9 @@ def findings(heads: pd.DataFrame, layers: pd.DataFrame, meta: dict[str, Any], ex
         else:
             out.append(f"The convolution claim holds for every analysed layer from {int(ct.index[0])} to "
                        f"{cl.deepest_conv_layer}.")
-    if len(t) >= 3:
-        a, b = t.iloc[0], t.iloc[-1]
-        trend = "grows" if b.mean_distance_px > a.mean_distance_px else "shrinks"
-        out.append(f"Mean attention distance {trend} with depth, from {_num(a.mean_distance_px)} px (layer {int(a.layer)}) "
-                   f"to {_num(b.mean_distance_px)} px (layer {int(b.layer)}).")
+    trend = depth_trend(t)
+    if trend:
+        out.append(trend)
     if str(meta.get("weights", "")).startswith("random init"):
         out.append("These are untrained (random-init) weights: the findings describe the architecture, not a trained model.")
     return out

@@ -11,7 +11,10 @@ decides how the same table reads in the HTML report:
   α with 3 significant digits written as ``6.5·10⁻⁵`` rather than ``6.51e-05``), ``∞`` for
   infinities, ``—`` for missing values;
 * the centre Δ (and its SEs, pixels and the lattice point) of a head whose fit is non-local
-  shown as ``—``: such a head has no centre, whatever number the optimiser stopped at.
+  shown as ``—``: such a head has no centre, whatever number the optimiser stopped at;
+* a standard error that is 0 or float rounding noise next to its value (:func:`negligible_se`:
+  the value is the same for every image, as for the embedded model's position-only attention)
+  shown as "deterministic" rather than ``6.1·10⁻¹⁴``.
 
 The report knows no tensors: the input is the heads DataFrame.
 """
@@ -96,6 +99,40 @@ def column_format(column: str) -> Callable[[float], str]:
     return _sig
 
 
+#: An SE at most this fraction of its value (plus :data:`SE_FLOOR`) is float rounding, not spread.
+SE_NOISE = 1e-6
+#: Absolute floor of :data:`SE_NOISE` (values near 0).
+SE_FLOOR = 1e-12
+#: How a standard error that is 0 or rounding noise is shown: the value is the same for every image.
+DETERMINISTIC = "deterministic"
+
+
+def negligible_se(value: Any, se: Any) -> bool:
+    """Whether ``se`` is 0 or float rounding noise next to ``value``: at most
+    ``SE_NOISE * |value| + SE_FLOOR`` (a statistic whose per-image values are all equal, e.g. the
+    embedded model's position-only attention, has SE 0 computed as ~1e-14, from
+    ``(sum x^2 - n mean^2)``). False for a missing or non-finite SE."""
+    try:
+        v, e = float(value), float(se)
+    except (TypeError, ValueError):
+        return False
+    if not (math.isfinite(e) and math.isfinite(v)):
+        return False
+    return abs(e) <= SE_NOISE * abs(v) + SE_FLOOR
+
+
+def mark_deterministic(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``frame`` for display in which every ``X_se`` value that :func:`negligible_se`
+    calls noise next to its ``X`` reads :data:`DETERMINISTIC` (other values unchanged)."""
+    out = frame.copy()
+    for c in frame.columns:
+        if c.endswith("_se") and c[:-3] in frame.columns:
+            noise = [negligible_se(v, e) for v, e in zip(frame[c[:-3]], frame[c])]
+            if any(noise):
+                out[c] = [DETERMINISTIC if n else e for n, e in zip(noise, frame[c])]
+    return out
+
+
 def format_value(column: str, v: Any) -> str:
     """One cell as display text: ``—`` missing, ``∞`` infinite, booleans as yes/no."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -173,7 +210,12 @@ def heads_table_html(heads: pd.DataFrame) -> str:
         out.append("<tr>")
         for c in cols:
             v = row[c]
-            shown = "—" if (hide and c in CENTRE_COLUMNS) else format_value(c, v)
+            if hide and c in CENTRE_COLUMNS:
+                shown = "—"
+            elif c.endswith("_se") and c[:-3] in row.index and negligible_se(row[c[:-3]], v):
+                shown = DETERMINISTIC
+            else:
+                shown = format_value(c, v)
             raw = ""
             if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)):
                 fv = float(v)

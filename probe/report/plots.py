@@ -8,7 +8,7 @@ import io
 import numpy as np
 import pandas as pd
 import seaborn as sns
-from matplotlib.figure import Figure
+from .figure import Figure
 
 
 def to_data_uri(fig: Figure, dpi: int = 110) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import BoundaryNorm
-from matplotlib.figure import Figure
+from .figure import Figure
 
 from ..analyses.function_geometry import GEOMETRY_LABELS, IMPORTANCE_LABELS
 from ..errors import ProbeError

@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 
 import matplotlib
-from matplotlib.figure import Figure
+from .figure import Figure
+from .heads_table import negligible_se
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.patches import Circle, Rectangle  # noqa: E402
@@ -153,7 +154,7 @@ def _fmt(v: float, se: float | None = None, digits: int = 3) -> str:
     if isinstance(v, float) and math.isinf(v):
         return "∞"
     s = f"{v:.{digits}g}"
-    if se is not None and np.isfinite(se):
+    if se is not None and np.isfinite(se) and not negligible_se(v, se):  # 0 or rounding noise: no "± 6e-14"
         s += f" ± {se:.2g}"
     return s
 

@@ -1,5 +1,6 @@
 """Interactive attention maps in the report: pick a layer, a head and a query patch (click on the
-photo), see that query's mean attention over the patch grid, overlaid on an example photo.
+map or the photo), see that query's mean attention over the patch grid beside an example photo
+(drawn large and untinted, pixels enlarged without smoothing).
 
 Everything is embedded in the one HTML file (no network): per layer the mean renormalised
 patch attention ``(heads, P, P)`` (:attr:`probe.analyses.reducers.LayerStats.mean_attn`,
@@ -22,8 +23,9 @@ import math
 
 import numpy as np
 
-#: Upper bound on embedded attention values (bytes before base64), about 6 MB of HTML.
-MAX_VALUES = 4_500_000
+#: Upper bound on embedded attention values (bytes before base64), about 1.3 MB of HTML: queries
+#: are subsampled with a stride (:func:`query_stride`) to stay under it.
+MAX_VALUES = 1_000_000
 
 
 def _photo_uri(photo: np.ndarray) -> str:
@@ -74,14 +76,16 @@ def query_maps_html(mean_attn: dict[int, np.ndarray], grids: dict[int, tuple[int
                         "qrows": q_rows, "qcols": q_cols, "scale": [float(v) for v in scale],
                         "data": base64.b64encode(q8.transpose(1, 0, 2).tobytes()).decode("ascii")})
     r0, c0 = query_rc if query_rc is not None else (grids[layers[0]][0] // 2, grids[layers[0]][1] // 2)
-    photo_tag = f"<img id='qm-photo' src='{_photo_uri(photo)}' alt='example photo' hidden>" if photo is not None else ""
+    photo_tag = (f"<img id='qm-photo' src='{_photo_uri(photo)}' alt='example photo' hidden>"
+                 "<canvas id='qm-photo-canvas' width='448' height='448' "
+                 "style='cursor:crosshair;max-width:100%;margin-left:1em'></canvas>") if photo is not None else ""
     return (
         "<div class='qm'><p class='note'>Choose a layer and a head and click a patch of the "
-        + ("photo" if photo is not None else "grid") + " to make it the query (red square): the colours are "
+        + ("map or the photo" if photo is not None else "grid") + " to make it the query (red square): the colours are "
         "that query's mean attention over the images, on one scale per layer and query shared by all heads "
         "(the colour bar, in attention probability). "
-        + ("The photo is the first analysed image, as the model sees it; the map is the mean over all images. "
-           if photo is not None else "") + "</p>"
+        + ("The photo (right, untinted, its pixels enlarged) is the first analysed image as the model sees it; "
+           "the map is the mean over all images. " if photo is not None else "") + "</p>"
         "<label>layer <select id='qm-layer'></select></label> <label>head <select id='qm-head'></select></label> "
         "<span id='qm-info' class='note'></span><br>"
         "<canvas id='qm-canvas' width='448' height='448' style='cursor:crosshair;max-width:100%'></canvas>"
@@ -98,6 +102,7 @@ _JS = r"""
   var ctx = cv.getContext("2d"), bctx = bar.getContext("2d"), photo = document.getElementById("qm-photo");
   var selL = document.getElementById("qm-layer"), selH = document.getElementById("qm-head");
   var info = document.getElementById("qm-info"), q = D.query.slice();
+  var pcv = photo ? document.getElementById("qm-photo-canvas") : null, pctx = pcv ? pcv.getContext("2d") : null;
   L.forEach(function (l, i) {
     var raw = atob(l.data), b = new Uint8Array(raw.length);
     for (var j = 0; j < raw.length; j++) { b[j] = raw.charCodeAt(j); }
@@ -124,15 +129,18 @@ _JS = r"""
     var qi = nearest(l.qrows, q[0]), qj = nearest(l.qcols, q[1]), Q = l.qrows.length * l.qcols.length;
     var qn = qi * l.qcols.length + qj, P = l.rows * l.cols, off = (qn * l.heads + h) * P;
     ctx.clearRect(0, 0, W, H);
-    if (photo) { ctx.globalAlpha = 1; ctx.drawImage(photo, 0, 0, W, H); }
     var cw = W / l.cols, ch = H / l.rows;
     for (var p = 0; p < P; p++) {
       var c = viridis(l.bytes[off + p] / 255);
-      ctx.fillStyle = "rgba(" + c[0] + "," + c[1] + "," + c[2] + "," + (photo ? 0.6 : 1) + ")";
+      ctx.fillStyle = "rgb(" + c[0] + "," + c[1] + "," + c[2] + ")";
       ctx.fillRect((p % l.cols) * cw, Math.floor(p / l.cols) * ch, Math.ceil(cw), Math.ceil(ch));
     }
     var r = l.qrows[qi], cc = l.qcols[qj];
     ctx.strokeStyle = "red"; ctx.lineWidth = 2; ctx.strokeRect(cc * cw, r * ch, cw, ch);
+    if (pcv) {  // the photo beside the map: large, untinted, its pixels kept sharp
+      pctx.imageSmoothingEnabled = false; pctx.clearRect(0, 0, W, H); pctx.drawImage(photo, 0, 0, W, H);
+      pctx.strokeStyle = "red"; pctx.lineWidth = 2; pctx.strokeRect(cc * cw, r * ch, cw, ch);
+    }
     info.textContent = "query (row " + r + ", col " + cc + ") of a " + l.rows + "×" + l.cols +
       " grid; largest value of this query over the layer's heads: " + l.scale[qn].toPrecision(3);
     for (var y = 0; y < bar.height; y++) {
@@ -142,11 +150,13 @@ _JS = r"""
     bctx.fillText(l.scale[qn].toPrecision(2), 15, 10); bctx.fillText("0", 15, bar.height - 2);
     cv.dataset.layer = l.layer; cv.dataset.head = h; cv.dataset.query = r + "," + cc;
   }
-  cv.addEventListener("click", function (e) {
-    var l = L[+selL.value], rect = cv.getBoundingClientRect();
+  function pick(e) {
+    var l = L[+selL.value], rect = e.target.getBoundingClientRect();
     q = [Math.floor((e.clientY - rect.top) / rect.height * l.rows), Math.floor((e.clientX - rect.left) / rect.width * l.cols)];
     draw();
-  });
+  }
+  cv.addEventListener("click", pick);
+  if (pcv) { pcv.addEventListener("click", pick); }
   selL.addEventListener("change", function () { heads(); draw(); });
   selH.addEventListener("change", draw);
   heads();

@@ -36,9 +36,11 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 
 def table_html(frame: pd.DataFrame, digits: int = 3) -> str:
-    """A DataFrame as an HTML table (numbers rounded to ``digits`` decimals)."""
-    return frame.to_html(index=False, float_format=lambda x: _fmt(x, digits), border=0,
-                         classes="tbl", na_rep="–")
+    """A DataFrame as an HTML table (numbers rounded to ``digits`` decimals), in a box that
+    scrolls sideways when the table is wider than the page (class ``scroll-x``)."""
+    table = frame.to_html(index=False, float_format=lambda x: _fmt(x, digits), border=0,
+                          classes="tbl", na_rep="–")
+    return f"<div class='scroll-x'>{table}</div>"
 
 
 def render_report(

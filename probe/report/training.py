@@ -24,7 +24,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 from jinja2 import Environment, select_autoescape
-from matplotlib.figure import Figure
+from .figure import Figure
 from matplotlib.patches import Circle
 
 from .plots import to_data_uri
