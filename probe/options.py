@@ -112,7 +112,7 @@ def check_conv_options(local_radius: Any = None, conv_level: Any = None, kernel_
                                         and 2 <= kernel_size <= 99):
         raise ProbeError(f"--kernel-size must be an integer from 2 to 99 patches, got {kernel_size}")
     if local_radius is not None and not (number(local_radius) and 0 < local_radius <= 1000):
-        raise ProbeError(f"--local-radius must be a number of patches in (0, 1000], got {local_radius}")
+        raise ProbeError(f"--local-radius must be a positive number of patches, at most 1000, got {local_radius}")
     if conv_level is not None and not (number(conv_level) and 0 < conv_level < 1):
         raise ProbeError(f"--conv-level must lie in (0, 1), got {conv_level}")
 

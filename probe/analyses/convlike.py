@@ -786,8 +786,9 @@ def grid_test(delta, local, kernel_size: int | Sequence[int], *, grid: tuple[int
 
     Returns:
         dict with ``p`` (Bonferroni over the hypotheses; NaN when none is tested), ``kernel_size``
-        and ``dilation`` of the smallest p (ties: the larger kernel, then the smaller dilation;
-        0 when none), ``score`` (``S`` there), ``scores`` and ``p_d`` (``{(K, d): value}``),
+        and ``dilation`` of the deciding hypothesis (the smallest p among those with
+        ``S >= config.min_score``, else the smallest p; ties: the higher score, the larger kernel,
+        the smaller dilation; 0 when none), ``score`` (``S`` there), ``scores`` and ``p_d`` (``{(K, d): value}``),
         ``n_local`` (local heads), ``n_window`` and ``n_target`` there, ``null`` (sorted null draws
         there) and ``null_for`` (``(K, d) -> null``).
 
@@ -816,7 +817,11 @@ def grid_test(delta, local, kernel_size: int | Sequence[int], *, grid: tuple[int
         return {"p": float("nan"), "kernel_size": ks[0] if ks else 0, "dilation": 0, "score": 0.0, "scores": {},
                 "p_d": {}, "n_local": m, "n_window": 0, "n_target": min(h, ks[0] ** 2) if ks and ks[0] else 0,
                 "null": np.zeros(0), "null_for": null_for, "hypotheses": []}
-    best = min(p_d, key=lambda hyp: (p_d[hyp], -hyp[0], hyp[1]))
+    # the hypothesis that decides: the smallest p among those whose score reaches min_score (a
+    # kernel covered by too few heads is no convolution whatever its p), else the smallest p;
+    # ties go to the higher score, then the larger kernel, then the smaller dilation
+    eligible = [hyp for hyp in p_d if scores[hyp] >= config.min_score] or list(p_d)
+    best = min(eligible, key=lambda hyp: (p_d[hyp], -scores[hyp], -hyp[0], hyp[1]))
     k, dl = best
     return {"p": min(1.0, len(p_d) * p_d[best]), "kernel_size": k, "dilation": dl, "score": scores[best],
             "scores": scores, "p_d": p_d, "n_local": m, "n_window": int(in_window(d, loc, k, dl).sum()),
@@ -1066,17 +1071,24 @@ def convlike_test(
         draws = _uncertainty_draws(fit, config, rng) if hyps else None
         deterministic = _deterministic(fit)
         if draws is not None and not deterministic:
-            rep_p = np.ones(draws[0].shape[0])
-            rep_s = np.zeros(draws[0].shape[0])
             cen, msk = draws
+            n_rep = cen.shape[0]
+            # per replicate, the deciding hypothesis as in grid_test: smallest p among those whose
+            # score reaches min_score, else the smallest p
+            best_p = {True: np.full(n_rep, np.inf), False: np.full(n_rep, np.inf)}
+            best_s = {True: np.zeros(n_rep), False: np.zeros(n_rep)}
             for hk, hd in hyps:
                 w = null_window(hk, hd)
                 inside = msk * (np.abs(cen).max(-1) <= w + 1e-9)
                 s_d = _scores_from_masks(cen, inside, hk, config.tolerance, hd, min(h, hk * hk))
                 pd_ = _p_value(gt["null_for"]((hk, hd)), s_d)  # the null of the point estimate's heads
-                better = pd_ < rep_p
-                rep_s = np.where(better, s_d, rep_s)
-                rep_p = np.minimum(rep_p, pd_)
+                for elig, keep in ((True, s_d >= config.min_score), (False, np.ones(n_rep, bool))):
+                    better = keep & (pd_ < best_p[elig])
+                    best_s[elig] = np.where(better, s_d, best_s[elig])
+                    best_p[elig] = np.where(better, pd_, best_p[elig])
+            any_elig = np.isfinite(best_p[True])
+            rep_p = np.where(any_elig, best_p[True], best_p[False])
+            rep_s = np.where(any_elig, best_s[True], best_s[False])
             rep = {"score": rep_s, "p": np.minimum(1.0, len(hyps) * rep_p), "n_local": msk.sum(1)}
             replicates[layer] = rep
             reps = rep["score"]
