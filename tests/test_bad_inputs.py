@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import probe
-from probe.cli import _parse_floats, _parse_grid, _query_pair, app
+from probe.cli import app
+from probe.options import parse_floats as _parse_floats, parse_grid as _parse_grid, query_pair as _query_pair
 from probe.pipeline import _check_query
 from probe.capture import parse_layers
 from probe.errors import ProbeError
