@@ -787,7 +787,7 @@ def grid_test(delta, local, kernel_size: int | Sequence[int], *, grid: tuple[int
     Returns:
         dict with ``p`` (Bonferroni over the hypotheses; NaN when none is tested), ``kernel_size``
         and ``dilation`` of the deciding hypothesis (the smallest p among those with
-        ``S >= config.min_score``, else the smallest p; ties: the higher score, the larger kernel,
+        ``S >= config.min_score``, else the smallest p; ties: the larger kernel, the higher score,
         the smaller dilation; 0 when none), ``score`` (``S`` there), ``scores`` and ``p_d`` (``{(K, d): value}``),
         ``n_local`` (local heads), ``n_window`` and ``n_target`` there, ``null`` (sorted null draws
         there) and ``null_for`` (``(K, d) -> null``).
@@ -819,9 +819,10 @@ def grid_test(delta, local, kernel_size: int | Sequence[int], *, grid: tuple[int
                 "null": np.zeros(0), "null_for": null_for, "hypotheses": []}
     # the hypothesis that decides: the smallest p among those whose score reaches min_score (a
     # kernel covered by too few heads is no convolution whatever its p), else the smallest p;
-    # ties go to the higher score, then the larger kernel, then the smaller dilation
+    # ties go to the larger kernel (a 5x5 grid also holds a dilated 3x3 one), then the higher
+    # score, then the smaller dilation
     eligible = [hyp for hyp in p_d if scores[hyp] >= config.min_score] or list(p_d)
-    best = min(eligible, key=lambda hyp: (p_d[hyp], -scores[hyp], -hyp[0], hyp[1]))
+    best = min(eligible, key=lambda hyp: (p_d[hyp], -hyp[0], -scores[hyp], hyp[1]))
     k, dl = best
     return {"p": min(1.0, len(p_d) * p_d[best]), "kernel_size": k, "dilation": dl, "score": scores[best],
             "scores": scores, "p_d": p_d, "n_local": m, "n_window": int(in_window(d, loc, k, dl).sum()),
