@@ -5,9 +5,11 @@ selected analyses' streaming reducers -> run the selected registered analyses
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import platform
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -190,14 +192,48 @@ def analyze(
             dist_run.agree(e)  # the other ranks learn of it at their agreement before the capture
         raise
     try:
-        return _run(model, images, selection, reporter, t0=t0, dev=dev, layers=layers, weights=weights,
-                    random_init=random_init, num_images=num_images, batch_size=batch_size, device=device,
-                    amp=amp, seed=seed, n_bootstrap=n_bootstrap, prefix_tokens=prefix_tokens, grid=grid,
-                    patch_size=patch_size, data_overrides=data_overrides, query=query, _geometries=_geometries,
-                    dist_run=dist_run)
+        with _module_in_use(model):
+            return _run(model, images, selection, reporter, t0=t0, dev=dev, layers=layers, weights=weights,
+                        random_init=random_init, num_images=num_images, batch_size=batch_size, device=device,
+                        amp=amp, seed=seed, n_bootstrap=n_bootstrap, prefix_tokens=prefix_tokens, grid=grid,
+                        patch_size=patch_size, data_overrides=data_overrides, query=query,
+                        _geometries=_geometries, dist_run=dist_run)
     finally:
         if owned:
             reporter.close()
+
+
+#: ``id`` of the modules an :func:`analyze` call is capturing from now (hooks are per module).
+_IN_USE: set[int] = set()
+_IN_USE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _module_in_use(model: Any):
+    """Mark an ``nn.Module`` given to :func:`analyze` as being analysed for the call, and give it
+    back in the train/eval mode of each submodule it came in.
+
+    Raises:
+        ProbeError: the module is already being analysed (by another thread): its attention
+            hooks would mix the two runs' images.
+    """
+    net = model.model if isinstance(model, ResolvedModel) else model
+    if not isinstance(net, nn.Module):
+        yield
+        return
+    with _IN_USE_LOCK:
+        if id(net) in _IN_USE:
+            raise ProbeError(f"this {type(net).__name__} is already being analysed by another probe.analyze call "
+                             "(another thread); analyse a copy (copy.deepcopy(model)) or wait for that call")
+        _IN_USE.add(id(net))
+    modes = [(m, m.training) for m in net.modules()]
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        with _IN_USE_LOCK:
+            _IN_USE.discard(id(net))
 
 
 def _distributed(distributed: Any, device: Any) -> Any:

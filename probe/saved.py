@@ -633,7 +633,14 @@ def _read_set(folder: Path) -> tuple[dict, dict[str, bytes]]:
     Raises:
         ProbeError: see :func:`load`.
     """
-    for _ in range(20):
+    import random
+    import time
+
+    deadline, first = time.monotonic() + 30.0, True
+    while first or time.monotonic() < deadline:
+        if not first:
+            time.sleep(random.uniform(0, 0.005))  # out of step with a writer replacing the folder in a loop
+        first = False
         try:
             dfd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
