@@ -329,8 +329,9 @@ def _marker_files(folder: Path) -> list[str]:
 
     try:
         data = json.loads((folder / MARKER).read_text())
-        return [str(n) for n in data.get("files", [])]
-    except (OSError, ValueError, AttributeError):
+        names = data.get("files", []) if isinstance(data, dict) else []
+        return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+    except (OSError, ValueError, AttributeError, RecursionError):
         return []
 
 
