@@ -326,7 +326,7 @@ def train(
 ) -> None:
     """Train probe's attention-only CIFAR-10 model (Cordonnier et al. 2020 recipe), resumable."""
     from rich.progress import TimeElapsedColumn
-    from .cordonnier.train import TrainConfig, train as run_train
+    from .cordonnier.train import TrainConfig, check_run, train as run_train
 
     cfg = TrainConfig(train=str(train_dir), test=str(test_dir) if test_dir else None, out=str(out),
                       attention=attention, dim=dim, depth=depth, num_heads=heads, mlp_dim=mlp_dim,
@@ -335,6 +335,7 @@ def train(
                       max_minutes=max_minutes, max_steps=max_steps, track_every=track_every,
                       limit_train=limit_train)
     try:
+        check_run(cfg)  # every option and the checkpoint to resume, before any progress is shown
         with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                       TimeElapsedColumn(), TimeRemainingColumn(), console=console) as bar:
             task = bar.add_task("train", total=None, info="")

@@ -177,6 +177,8 @@ def analyze(
         _check_arguments(model, images, batch_size=batch_size, num_images=num_images, n_bootstrap=n_bootstrap,
                          seed=seed, null_seeds=null_seeds, null_images=null_images,
                          attribution_images=attribution_images, ig_steps=ig_steps, data_overrides=data_overrides)
+        _check_ranges(seed=seed, prefix_tokens=prefix_tokens, grid=grid, patch_size=patch_size,
+                      data_overrides=data_overrides, conv_config=conv_config if conv_test else None)
         if isinstance(images, torch.Tensor) and images.dtype == torch.float64:
             images = images.float()
         dev = resolve_device(device)
@@ -726,6 +728,70 @@ def _check_arguments(model: Any, images: Any, *, batch_size: Any, num_images: An
                 raise ProbeError(f"data_overrides[{key!r}] must be a sequence of numbers, got {vals!r}") from None
             if not all(math.isfinite(v) for v in vals) or (key == "std" and not all(v > 0 for v in vals)):
                 raise ProbeError(f"data_overrides[{key!r}] must be finite{' and positive' if key == 'std' else ''}, got {vals}")
+
+
+#: Upper limits of the numeric settings (beyond them a run would overflow or exhaust memory, not
+#: measure anything): seeds as NumPy and torch take them; token grids, patches and radii far
+#: beyond any vision transformer's; the conv test's KxK lattice.
+MAX_SEED = 2**32 - 1
+MAX_GRID = 10_000
+MAX_PIXELS_PER_TOKEN = 100_000.0
+MAX_INPUT_SIDE = 16_384
+MAX_KERNEL_SIZE = 64
+MAX_LOCAL_RADIUS = 10_000.0
+MIN_STD = 1e-6
+
+
+def _check_ranges(*, seed: Any, prefix_tokens: Any, grid: Any, patch_size: Any, data_overrides: Any,
+                  conv_config: Any) -> None:
+    """The ranges of the numeric settings, before any work (the CLI's options arrive here too).
+
+    Raises:
+        ProbeError: naming the setting, the value, the allowed range and the fix.
+    """
+    import math
+
+    def number(name: str, v: Any, lo: float, hi: float, fix: str) -> None:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi
+        if not ok:
+            raise ProbeError(f"{name} must be a number from {lo:g} to {hi:g}, got {v!r}; {fix}")
+
+    if isinstance(seed, int) and seed > MAX_SEED:
+        raise ProbeError(f"seed must be from 0 to {MAX_SEED} (2**32 - 1), got {seed}; pick a smaller seed")
+    if prefix_tokens is not None:
+        _check_int("prefix_tokens (--prefix-tokens)", prefix_tokens, 0)
+        number("prefix_tokens (--prefix-tokens)", prefix_tokens, 0, MAX_GRID, "count the class, distillation "
+               "and register tokens")
+    if grid is not None:
+        if not (isinstance(grid, (tuple, list)) and len(grid) == 2 and all(isinstance(v, int) and not
+                                                                            isinstance(v, bool) for v in grid)):
+            raise ProbeError(f"grid must be two integers (rows, cols), got {grid!r}")
+        for v in grid:
+            number("grid (--grid) rows and cols", v, 1, MAX_GRID, "give the patch grid, e.g. 14x14")
+    if patch_size is not None:
+        number("patch_size (--patch-size)", patch_size, 1e-3, MAX_PIXELS_PER_TOKEN,
+               "give the pixels per token, e.g. 16")
+    overrides = data_overrides if isinstance(data_overrides, dict) else {}
+    size = overrides.get("input_size")
+    if isinstance(size, (tuple, list)) and len(size) == 3:
+        number("the channels of input_size (--input-size C,H,W)", size[0], 1, 64, "give C,H,W, e.g. 3,224,224")
+        for v in size[1:]:
+            number("the height and width of input_size (--input-size C,H,W)", v, 1, MAX_INPUT_SIDE,
+                   "give C,H,W, e.g. 3,224,224")
+    for v in overrides.get("std") or ():
+        if isinstance(v, (int, float)) and not v >= MIN_STD:
+            raise ProbeError(f"std (--std) must be at least {MIN_STD:g} for every channel (images are divided by "
+                             f"it), got {v!r}; give the normalisation's standard deviation, e.g. 0.229")
+    for v in overrides.get("mean") or ():
+        number("mean (--mean)", v, -1e6, 1e6, "give the normalisation's per-channel mean, e.g. 0.485")
+    k = getattr(conv_config, "kernel_size", None)
+    if k is not None:
+        number("the conv test's kernel size (--kernel-size)", k, 1, MAX_KERNEL_SIZE,
+               "give K of the KxK kernel, e.g. 3, or leave it out for the default")
+    r = getattr(conv_config, "r_local", None)
+    if r is not None:
+        number("the conv test's local radius (--local-radius)", r, 1e-3, MAX_LOCAL_RADIUS,
+               "give a radius in patches, e.g. 2")
 
 
 def _versions() -> dict[str, str]:
