@@ -36,6 +36,20 @@ def _interrupted() -> "typer.Exit":
     return typer.Exit(130)
 
 
+def _interruptible(command):
+    """A command whose Ctrl-C anywhere (also while its imports load) ends with ``interrupted``, exit 130."""
+    import functools
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise _interrupted() from None
+
+    return run
+
+
 def _version(value: bool) -> None:
     if value:
         from importlib.metadata import version
@@ -122,6 +136,7 @@ def _safe_name(name: str) -> str:
 
 
 @app.command()
+@_interruptible
 def analyze(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="default: probe's embedded attention-only CIFAR-10 model (Cordonnier et al. 2020; no download); or a timm name or alias (vit_small, deit_tiny, ...), package.module:factory, hf:FOLDER / hf:ORG/NAME (Hugging Face), open_clip:ARCH[:TAG] (OpenCLIP image tower), or torchvision:NAME[:WEIGHTS]", rich_help_panel="Model"),
     weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="local checkpoint: .safetensors, or .pth/.pt read with weights_only=True", rich_help_panel="Model"),
@@ -303,6 +318,7 @@ def _summary(result) -> None:
 
 
 @app.command()
+@_interruptible
 def train(
     train_dir: Path = typer.Option(Path("../shared/data/cifar10-train"), "--train", help="training images: ROOT/<class>/<image>"),
     test_dir: Optional[Path] = typer.Option(Path("../shared/data/cifar10-test"), "--test", help="test images for the final accuracy and the tracker's probe batch"),
@@ -356,6 +372,7 @@ def train(
 
 
 @app.command()
+@_interruptible
 def compare(
     dirs: list[Path] = typer.Argument(..., help="two or more output folders of probe analyze (saved results)", show_default=False),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="output folder; default reports/compare-<timestamp>/"),

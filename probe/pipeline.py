@@ -478,6 +478,7 @@ def _setup(model: Any, images: Any, selection: list[Analysis], reporter: Progres
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(
         model, weights=weights, random_init=random_init, seed=seed
     )
+    _check_parameters(resolved)
     net = resolved.model.to(dev).eval()
     if isinstance(images, torch.Tensor):
         image_set: ImageSet | TensorImages = TensorImages(images[:num_images] if num_images else images)
@@ -678,6 +679,25 @@ def _check_query(query: Any, geometry) -> int:
         raise ProbeError(f"query {query!r} must be (row, col) inside the {rows}x{cols} patch grid "
                          f"(--query ROW,COL with 0 <= ROW < {rows}, 0 <= COL < {cols})")
     return int(query[0]) * cols + int(query[1])
+
+
+def _check_parameters(resolved: ResolvedModel) -> None:
+    """The model's parameters and buffers hold values: none on the meta device (a model built
+    without memory), none NaN or infinite (damaged weights, a diverged training).
+
+    Raises:
+        ProbeError: naming the model, its weights and the first bad tensor.
+    """
+    tensors = [*resolved.model.named_parameters(), *resolved.model.named_buffers()]
+    meta = [n for n, t in tensors if t.is_meta]
+    if meta:
+        raise ProbeError(f"{resolved.name}: the model's tensors are on the meta device, without values (e.g. "
+                         f"{meta[0]}); build it on the CPU (not under torch.device('meta') or init_empty_weights), "
+                         "or materialise it (model.to_empty(device='cpu')) and load its weights")
+    for n, t in tensors:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ProbeError(f"{resolved.name}: the weights ({resolved.weights}) hold NaN or infinite values, e.g. in "
+                             f"{n}; the checkpoint is damaged or its training diverged — pass other weights")
 
 
 def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
