@@ -248,7 +248,9 @@ def _analyze(dist_run, main: bool, *, model, weights, random_init, images, worke
                 )
         for w in caught:
             if "unreadable image" in str(w.message):
-                console.print(f"[yellow]warning:[/] {w.message}")
+                from rich.markup import escape
+
+                console.print(f"[yellow]warning:[/] {escape(str(w.message))}", soft_wrap=True, highlight=False)
         if result is None:  # a rank other than 0 of a distributed run: rank 0 writes the report
             return
         import shlex

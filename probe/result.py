@@ -118,7 +118,7 @@ class AnalysisResult:
         files = {
             **self._analysis_files(),  # e.g. rollout.npz
             **saved_files(self),  # heads.csv, layers.csv, result.json, stats: the folder loads again
-            "images.txt": "\n".join(self.meta.get("image_names", [])) + "\n",
+            "images.txt": images_txt(self.meta.get("image_names", [])),
             "report.html": html,
         }
         write_output_set(out, files)
@@ -150,7 +150,7 @@ class AnalysisResult:
 
         out = check_output_dir(out_dir)
         files = {**self._analysis_files(), **saved_files(self),
-                 "images.txt": "\n".join(self.meta.get("image_names", [])) + "\n"}
+                 "images.txt": images_txt(self.meta.get("image_names", []))}
         write_output_set(out, files)
         return out
 
@@ -227,6 +227,15 @@ class AnalysisResult:
                          "conv_test": bool(conv_test), "conv_config": asdict(cfg) if cfg is not None else None,
                          "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
         return new
+
+
+def images_txt(names: Any) -> str:
+    """``images.txt``: one image name per line, in analysis order. A backslash, newline or carriage
+    return inside a name is written ``\\\\``, ``\\n``, ``\\r``, so every line is one image."""
+    def line(name: Any) -> str:
+        return str(name).replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+    return "".join(line(n) + "\n" for n in (names if isinstance(names, (list, tuple)) else []))
 
 
 #: Heads-table columns of the quadratic fits (:meth:`probe.analyses.quadratic.QuadraticFit.to_frame`
