@@ -327,7 +327,7 @@ def parse_layers(
                     lo, hi = int(part[:cut]), int(part[cut + 1:])
                     if hi < lo:
                         raise ValueError
-                    items.extend(range(lo, hi + 1))
+                    items.extend((lo, hi) if hi - lo >= 2 * num_layers else range(lo, hi + 1))  # ends out of range
                 else:
                     items.append(int(part))
             except ValueError:

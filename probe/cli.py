@@ -73,6 +73,20 @@ def _loading(text: str):
         status.stop()
 
 
+def _interruptible(command):
+    """A command whose Ctrl-C anywhere (also while its imports load) ends with ``interrupted``, exit 130."""
+    import functools
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise _interrupted() from None
+
+    return run
+
+
 def _version(value: bool) -> None:
     if value:
         from importlib.metadata import version
@@ -92,6 +106,7 @@ def _safe_name(name: str) -> str:
 
 
 @app.command()
+@_interruptible
 def analyze(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="default: probe's embedded attention-only CIFAR-10 model (Cordonnier et al. 2020; no download); or a timm name or alias (vit_small, deit_tiny, ...), package.module:factory, hf:FOLDER / hf:ORG/NAME (Hugging Face), open_clip:ARCH[:TAG] (OpenCLIP image tower), or torchvision:NAME[:WEIGHTS]", rich_help_panel="Model"),
     weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="local checkpoint: .safetensors, or .pth/.pt read with weights_only=True", rich_help_panel="Model"),
@@ -222,7 +237,9 @@ def _analyze(dist_run, main: bool, checked, *, model, weights, random_init, imag
         _stop(status)
         for w in caught:
             if "unreadable image" in str(w.message):
-                console.print(f"[yellow]warning:[/] {w.message}")
+                from rich.markup import escape
+
+                console.print(f"[yellow]warning:[/] {escape(str(w.message))}", soft_wrap=True, highlight=False)
         if result is None:  # a rank other than 0 of a distributed run: rank 0 writes the report
             return
         import shlex
@@ -288,6 +305,7 @@ def _summary(result) -> None:
 
 
 @app.command()
+@_interruptible
 def train(
     train_dir: Optional[Path] = typer.Option(None, "--train", help="training images, ROOT/<class>/<image> (e.g. CIFAR-10's training set as JPEG or PNG files); required", show_default=False),
     test_dir: Optional[Path] = typer.Option(None, "--test", help="test images, same classes: the final accuracy and the tracker's probe batch (default: none, no test accuracy or tracking)", show_default=False),
@@ -324,7 +342,7 @@ def train(
     except ProbeError as e:
         raise _fail(str(e))
     with _loading("loading torch"):
-        from .cordonnier.train import TrainConfig, train as run_train
+        from .cordonnier.train import TrainConfig, check_run, train as run_train
 
     cfg = TrainConfig(train=str(train_dir), test=str(test_dir) if test_dir else None, out=str(out),
                       attention=attention, dim=dim, depth=depth, num_heads=heads, mlp_dim=mlp_dim,
@@ -333,6 +351,7 @@ def train(
                       max_minutes=max_minutes, max_steps=max_steps, track_every=track_every,
                       limit_train=limit_train)
     try:
+        check_run(cfg)  # every option and the checkpoint to resume, before any progress is shown
         with Progress(TextColumn("[bold]{task.description:<13}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                       console=console) as bar:
@@ -364,6 +383,7 @@ def train(
 
 
 @app.command()
+@_interruptible
 def compare(
     dirs: list[Path] = typer.Argument(..., help="two or more output folders of probe analyze (saved results)", show_default=False),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="output folder; default reports/compare-<timestamp>/"),

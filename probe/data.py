@@ -156,6 +156,14 @@ def _expand(source: str | Path) -> list[Path]:
         return sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
     if p.is_file():
         return [p]
+    if p.exists():  # a FIFO, a device such as /dev/zero, a socket: never opened
+        import stat
+
+        mode = p.stat().st_mode
+        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        raise ProbeError(f"image path {str(source)!r} is {kind}, not an image file or folder; pass a folder, "
+                         "file or glob to --images")
     hits = sorted(Path(h) for h in glob.glob(str(source), recursive=True) if Path(h).is_file())
     if not hits and not any(ch in str(source) for ch in "*?["):
         raise missing_image_path(source)
@@ -516,6 +524,7 @@ def iter_indexed_batches(
     names: list[str] = []
     index: list[int] = []
     n_pending = n_ok = 0
+    skipped_before, first_error = len(images.skipped), ""
 
     def take(k: int) -> torch.Tensor:
         out, need = [], k
@@ -551,7 +560,7 @@ def iter_indexed_batches(
             for j, (name, err) in enumerate(entries):
                 if err is not None:
                     images.skipped.append(name)
-                    warnings.warn(f"skipping unreadable image {name}: {err}", stacklevel=2)
+                    first_error = first_error or f"{name}: {err}"
                 else:
                     names.append(name)
                     index.append(todo_index[k * batch_size + j])
@@ -571,6 +580,10 @@ def iter_indexed_batches(
         next_reserve += len(todo)
     if n_pending:
         yield take(n_pending), names, index
+    n_skipped = len(images.skipped) - skipped_before
+    if n_skipped:  # one line for all of them (a folder may hold thousands)
+        more = f" (and {n_skipped - 1:,} more unreadable files, replaced from the other images)" if n_skipped > 1 else ""
+        warnings.warn(f"skipping unreadable image {first_error}{more}", stacklevel=2)
     if n_ok == 0 and require_any:
         raise ProbeError(
             f"none of the {len(images.items)} image file(s) in {images.description} could be read "

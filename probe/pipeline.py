@@ -5,9 +5,11 @@ selected analyses' streaming reducers -> run the selected registered analyses
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import platform
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -205,6 +207,8 @@ def analyze(
         _check_arguments(model, images, batch_size=batch_size, num_images=num_images, n_bootstrap=n_bootstrap,
                          seed=seed, null_seeds=null_seeds, null_images=null_images,
                          attribution_images=attribution_images, ig_steps=ig_steps, data_overrides=data_overrides)
+        _check_ranges(seed=seed, prefix_tokens=prefix_tokens, grid=grid, patch_size=patch_size,
+                      data_overrides=data_overrides, conv_config=conv_config if conv_test else None)
         if isinstance(images, torch.Tensor) and images.dtype == torch.float64:
             images = images.float()
         dev = resolve_device(device)
@@ -220,7 +224,7 @@ def analyze(
             dist_run.agree(e)  # the other ranks learn of it at their agreement before the capture
         raise _for_caller(e)
     try:
-        with workers_default(workers):
+        with workers_default(workers), _module_in_use(model):
             result = _run(model, images, selection, reporter, t0=t0, dev=dev, layers=layers, weights=weights,
                           random_init=random_init, num_images=num_images, batch_size=batch_size, device=device,
                           amp=amp, seed=seed, n_bootstrap=n_bootstrap, prefix_tokens=prefix_tokens, grid=grid,
@@ -242,6 +246,39 @@ def _for_caller(error: BaseException) -> BaseException:
     if isinstance(error, ProbeError) and not CLI_CALL.get() and error.args:
         error.args = (library_message(str(error.args[0])), *error.args[1:])
     return error
+
+
+#: ``id`` of the modules an :func:`analyze` call is capturing from now (hooks are per module).
+_IN_USE: set[int] = set()
+_IN_USE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _module_in_use(model: Any):
+    """Mark an ``nn.Module`` given to :func:`analyze` as being analysed for the call, and give it
+    back in the train/eval mode of each submodule it came in.
+
+    Raises:
+        ProbeError: the module is already being analysed (by another thread): its attention
+            hooks would mix the two runs' images.
+    """
+    net = model.model if isinstance(model, ResolvedModel) else model
+    if not isinstance(net, nn.Module):
+        yield
+        return
+    with _IN_USE_LOCK:
+        if id(net) in _IN_USE:
+            raise ProbeError(f"this {type(net).__name__} is already being analysed by another probe.analyze call "
+                             "(another thread); analyse a copy (copy.deepcopy(model)) or wait for that call")
+        _IN_USE.add(id(net))
+    modes = [(m, m.training) for m in net.modules()]
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        with _IN_USE_LOCK:
+            _IN_USE.discard(id(net))
 
 
 def _distributed(distributed: Any, device: Any) -> Any:
@@ -484,6 +521,7 @@ def _setup(model: Any, images: Any, selection: list[Analysis], reporter: Progres
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(
         model, weights=weights, random_init=random_init, seed=seed
     )
+    _check_parameters(resolved)
     net = resolved.model.to(dev).eval()
     if isinstance(images, torch.Tensor):
         image_set: ImageSet | TensorImages = TensorImages(images[:num_images] if num_images else images)
@@ -686,6 +724,25 @@ def _check_query(query: Any, geometry) -> int:
     return int(query[0]) * cols + int(query[1])
 
 
+def _check_parameters(resolved: ResolvedModel) -> None:
+    """The model's parameters and buffers hold values: none on the meta device (a model built
+    without memory), none NaN or infinite (damaged weights, a diverged training).
+
+    Raises:
+        ProbeError: naming the model, its weights and the first bad tensor.
+    """
+    tensors = [*resolved.model.named_parameters(), *resolved.model.named_buffers()]
+    meta = [n for n, t in tensors if t.is_meta]
+    if meta:
+        raise ProbeError(f"{resolved.name}: the model's tensors are on the meta device, without values (e.g. "
+                         f"{meta[0]}); build it on the CPU (not under torch.device('meta') or init_empty_weights), "
+                         "or materialise it (model.to_empty(device='cpu')) and load its weights")
+    for n, t in tensors:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ProbeError(f"{resolved.name}: the weights ({resolved.weights}) hold NaN or infinite values, e.g. in "
+                             f"{n}; the checkpoint is damaged or its training diverged — pass other weights")
+
+
 def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
     if value is None and optional:
         return
@@ -734,6 +791,70 @@ def _check_arguments(model: Any, images: Any, *, batch_size: Any, num_images: An
                 raise ProbeError(f"data_overrides[{key!r}] must be a sequence of numbers, got {vals!r}") from None
             if not all(math.isfinite(v) for v in vals) or (key == "std" and not all(v > 0 for v in vals)):
                 raise ProbeError(f"data_overrides[{key!r}] must be finite{' and positive' if key == 'std' else ''}, got {vals}")
+
+
+#: Upper limits of the numeric settings (beyond them a run would overflow or exhaust memory, not
+#: measure anything): seeds as NumPy and torch take them; token grids, patches and radii far
+#: beyond any vision transformer's; the conv test's KxK lattice.
+MAX_SEED = 2**32 - 1
+MAX_GRID = 10_000
+MAX_PIXELS_PER_TOKEN = 100_000.0
+MAX_INPUT_SIDE = 16_384
+MAX_KERNEL_SIZE = 64
+MAX_LOCAL_RADIUS = 10_000.0
+MIN_STD = 1e-6
+
+
+def _check_ranges(*, seed: Any, prefix_tokens: Any, grid: Any, patch_size: Any, data_overrides: Any,
+                  conv_config: Any) -> None:
+    """The ranges of the numeric settings, before any work (the CLI's options arrive here too).
+
+    Raises:
+        ProbeError: naming the setting, the value, the allowed range and the fix.
+    """
+    import math
+
+    def number(name: str, v: Any, lo: float, hi: float, fix: str) -> None:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi
+        if not ok:
+            raise ProbeError(f"{name} must be a number from {lo:g} to {hi:g}, got {v!r}; {fix}")
+
+    if isinstance(seed, int) and seed > MAX_SEED:
+        raise ProbeError(f"seed must be from 0 to {MAX_SEED} (2**32 - 1), got {seed}; pick a smaller seed")
+    if prefix_tokens is not None:
+        _check_int("prefix_tokens (--prefix-tokens)", prefix_tokens, 0)
+        number("prefix_tokens (--prefix-tokens)", prefix_tokens, 0, MAX_GRID, "count the class, distillation "
+               "and register tokens")
+    if grid is not None:
+        if not (isinstance(grid, (tuple, list)) and len(grid) == 2 and all(isinstance(v, int) and not
+                                                                            isinstance(v, bool) for v in grid)):
+            raise ProbeError(f"grid must be two integers (rows, cols), got {grid!r}")
+        for v in grid:
+            number("grid (--grid) rows and cols", v, 1, MAX_GRID, "give the patch grid, e.g. 14x14")
+    if patch_size is not None:
+        number("patch_size (--patch-size)", patch_size, 1e-3, MAX_PIXELS_PER_TOKEN,
+               "give the pixels per token, e.g. 16")
+    overrides = data_overrides if isinstance(data_overrides, dict) else {}
+    size = overrides.get("input_size")
+    if isinstance(size, (tuple, list)) and len(size) == 3:
+        number("the channels of input_size (--input-size C,H,W)", size[0], 1, 64, "give C,H,W, e.g. 3,224,224")
+        for v in size[1:]:
+            number("the height and width of input_size (--input-size C,H,W)", v, 1, MAX_INPUT_SIDE,
+                   "give C,H,W, e.g. 3,224,224")
+    for v in overrides.get("std") or ():
+        if isinstance(v, (int, float)) and not v >= MIN_STD:
+            raise ProbeError(f"std (--std) must be at least {MIN_STD:g} for every channel (images are divided by "
+                             f"it), got {v!r}; give the normalisation's standard deviation, e.g. 0.229")
+    for v in overrides.get("mean") or ():
+        number("mean (--mean)", v, -1e6, 1e6, "give the normalisation's per-channel mean, e.g. 0.485")
+    k = getattr(conv_config, "kernel_size", None)
+    if k is not None:
+        number("the conv test's kernel size (--kernel-size)", k, 1, MAX_KERNEL_SIZE,
+               "give K of the KxK kernel, e.g. 3, or leave it out for the default")
+    r = getattr(conv_config, "r_local", None)
+    if r is not None:
+        number("the conv test's local radius (--local-radius)", r, 1e-3, MAX_LOCAL_RADIUS,
+               "give a radius in patches, e.g. 2")
 
 
 def _versions() -> dict[str, str]:

@@ -235,14 +235,23 @@ def check_image_path(source: Any) -> None:
 MARKER = ".probe-output.json"
 
 
+def _resolved_out(out: Path) -> Path:
+    """``out`` with a symbolic link as its last part replaced by the folder it points to: probe
+    writes through a link to a folder (the link itself stays)."""
+    return Path(os.path.realpath(out)) if out.is_symlink() else out
+
+
 def check_output_dir(out_dir: Any) -> Path:
     """Check, before any work starts, that ``out_dir`` can receive probe's output set.
 
-    Refused: a non-path or empty path; an existing regular file; a path under a regular file; a
-    place where no folder can be created (read-only mount, ``/proc``, no permission — tested by
-    creating and removing a temporary folder beside it); an existing folder holding files probe
-    did not write (a folder written by an earlier probe run, listed in its ``.probe-output.json``,
-    or an empty folder, may be replaced).
+    Refused: a non-path or empty path; ``.``, the current folder or a folder above it (a folder
+    the run works in cannot be replaced); an existing regular file; a path under a regular file;
+    a symbolic link to nothing (dangling) or to a file; a place where no folder can be created
+    (read-only mount, ``/proc``, no permission — tested by creating and removing a temporary
+    folder beside it); an existing folder holding files probe did not write (a folder written by
+    an earlier probe run, listed in its ``.probe-output.json``, or an empty folder, may be
+    replaced). A symbolic link to a folder is written through: the set replaces the folder it
+    points to and the link stays.
 
     Returns:
         ``out_dir`` as a :class:`~pathlib.Path`.
@@ -250,35 +259,55 @@ def check_output_dir(out_dir: Any) -> Path:
     Raises:
         ProbeError: naming the problem and the fix.
     """
+    from .errors import ProbeError
+
     if isinstance(out_dir, bool) or not isinstance(out_dir, (str, os.PathLike)):
         raise ProbeError(f"the output folder must be a path (str or pathlib.Path), got {type(out_dir).__name__}")
-    if not str(os.fspath(out_dir)).strip():
+    text = os.fspath(out_dir)
+    if isinstance(text, bytes) or not text.strip():
         raise ProbeError("the output folder (--out) is empty; pass a folder path, e.g. --out reports/run1")
+    if "\0" in text:
+        raise ProbeError(f"--out {text!r} holds a NUL character; pass a folder path")
     out = Path(out_dir)
+    if out.is_symlink() and not out.exists():
+        raise ProbeError(f"--out {str(out)!r} is a symbolic link to {os.readlink(out)!r}, which does not exist; "
+                         "create that folder, or pass another --out")
+    target = _resolved_out(out)
+    real = os.path.realpath(target)
+    try:
+        cwd = os.path.realpath(os.getcwd())
+    except OSError:  # the current folder was deleted
+        cwd = ""
+    if Path(real).name == "" or cwd == real or cwd.startswith(real.rstrip(os.sep) + os.sep):
+        raise ProbeError(f"--out {str(out)!r} is the current folder or a folder above it, which probe cannot "
+                         "replace; pass a new folder, e.g. --out reports/run1")
     if out.exists() and not out.is_dir():
         raise ProbeError(f"--out {str(out)!r} is an existing file, not a folder; pass a folder path")
-    anc = out
+    anc = target
     while not anc.exists():
         if anc.parent == anc:
             break
         anc = anc.parent
     if anc.exists() and not anc.is_dir():
         raise ProbeError(f"--out {str(out)!r} lies under {str(anc)!r}, which is a file; pass a folder path")
-    probe_dir = anc if anc != out else out.parent
+    probe_dir = anc if anc != target else target.parent
     try:
         tmp = tempfile.mkdtemp(dir=probe_dir, prefix=".probe-write-check-")
         os.rmdir(tmp)
     except OSError as e:
         raise ProbeError(f"cannot write into {str(probe_dir)!r} for --out {str(out)!r} ({e.strerror or e}); "
                          "choose a writable folder") from None
-    if out.is_dir():
-        ours = set(_marker_files(out))
-        theirs = sorted(p.name for p in out.iterdir() if p.name not in ours and p.name != MARKER)
+    if target.is_dir():
+        theirs = _foreign_files(target)
         if theirs:
-            shown = ", ".join(theirs[:5]) + (", ..." if len(theirs) > 5 else "")
-            raise ProbeError(f"--out {str(out)!r} already holds files probe did not write ({shown}); "
+            raise ProbeError(f"--out {str(out)!r} already holds files probe did not write ({_shown(theirs)}); "
                              "choose another folder, or empty this one")
     return out
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(repr(n) if any(c in n for c in "\n\r,") else n for n in names[:5]) \
+        + (", ..." if len(names) > 5 else "")
 
 
 def _marker_files(folder: Path) -> list[str]:
@@ -286,9 +315,16 @@ def _marker_files(folder: Path) -> list[str]:
 
     try:
         data = json.loads((folder / MARKER).read_text())
-        return [str(n) for n in data.get("files", [])]
-    except (OSError, ValueError, AttributeError):
+        names = data.get("files", []) if isinstance(data, dict) else []
+        return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+    except (OSError, ValueError, AttributeError, RecursionError):
         return []
+
+
+def _foreign_files(folder: Path) -> list[str]:
+    """The names in ``folder`` that its probe marker does not list (files probe did not write)."""
+    ours = set(_marker_files(folder))
+    return sorted(n for n in os.listdir(folder) if n not in ours and n != MARKER)
 
 
 def check_out_not_input(out: str | Path, inputs: Sequence[str | Path]) -> None:
@@ -322,7 +358,7 @@ def check_result_folder(path: Any) -> Path:
     Raises:
         ProbeError: not a path; missing; a file; no ``result.json`` in it (naming the fix).
     """
-    if isinstance(path, bool) or not isinstance(path, (str, Path)) or not str(path).strip():
+    if isinstance(path, bool) or not isinstance(path, (str, Path)) or not str(path).strip() or "\0" in str(path):
         raise ProbeError(f"load needs a folder path (str or pathlib.Path), got {path!r}")
     folder = Path(path)
     if folder.is_file() and folder.name == RESULT_FILE:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,7 @@ class AnalysisResult:
         files = {
             **self._analysis_files(),  # e.g. rollout.npz
             **saved_files(self),  # heads.csv, layers.csv, result.json, stats: the folder loads again
-            "images.txt": "\n".join(self.meta.get("image_names", [])) + "\n",
+            "images.txt": images_txt(self.meta.get("image_names", [])),
             "report.html": html,
         }
         write_output_set(out, files)
@@ -149,7 +150,7 @@ class AnalysisResult:
 
         out = check_output_dir(out_dir)
         files = {**self._analysis_files(), **saved_files(self),
-                 "images.txt": "\n".join(self.meta.get("image_names", [])) + "\n"}
+                 "images.txt": images_txt(self.meta.get("image_names", []))}
         write_output_set(out, files)
         return out
 
@@ -228,6 +229,15 @@ class AnalysisResult:
         return new
 
 
+def images_txt(names: Any) -> str:
+    """``images.txt``: one image name per line, in analysis order. A backslash, newline or carriage
+    return inside a name is written ``\\\\``, ``\\n``, ``\\r``, so every line is one image."""
+    def line(name: Any) -> str:
+        return str(name).replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+    return "".join(line(n) + "\n" for n in (names if isinstance(names, (list, tuple)) else []))
+
+
 #: Heads-table columns of the quadratic fits (:meth:`probe.analyses.quadratic.QuadraticFit.to_frame`
 #: and ``r90_empirical_patches``), dropped by :meth:`AnalysisResult.rerun` before it fits again.
 _FIT_COLUMNS = frozenset((
@@ -237,57 +247,143 @@ _FIT_COLUMNS = frozenset((
     "quad_local", "quad_converged", "quad_status", "r90_empirical_patches"))
 
 
-from .preflight import MARKER, check_output_dir  # noqa: E402,F401  (checked before torch loads)
+from .preflight import (MARKER, _foreign_files, _marker_files, _resolved_out, _shown,  # noqa: E402,F401
+                        check_output_dir)  # checked before torch loads (probe.preflight)
+
+#: Infix of the hidden sibling folders a write works in: ``.<out name>.probe-tmp-<pid>-<32 hex>``.
+_TMP_INFIX = ".probe-tmp-"
+#: This process's temporary folders still in use (absolute paths), so that a thread never takes
+#: another thread's temporary folder of the same process for a dead one.
+_LIVE_TEMPS: set[str] = set()
+_LIVE_LOCK = threading.Lock()
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths with Linux ``renameat2(RENAME_EXCHANGE)``; False if unsupported."""
+def _rename(a: Path, b: Path, flags: int) -> bool | None:
+    """Linux ``renameat2(a, b, flags)``: True when done, False when ``b`` exists (``EEXIST`` /
+    ``ENOTEMPTY``, for ``RENAME_NOREPLACE``), None when the call or flag is unsupported here.
+
+    Raises:
+        OSError: any other failure.
+    """
     import ctypes
     import ctypes.util
+    import errno
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         fn = libc.renameat2
     except (OSError, AttributeError):
+        return None
+    AT_FDCWD = -100
+    if fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EEXIST, errno.ENOTEMPTY):
         return False
-    AT_FDCWD, RENAME_EXCHANGE = -100, 2
-    rc = fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE)
-    return rc == 0
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return None
+    raise OSError(err, os.strerror(err), str(b))
+
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux ``renameat2(RENAME_EXCHANGE)``; False if unsupported."""
+    try:
+        return bool(_rename(a, b, _RENAME_EXCHANGE))
+    except OSError:
+        return False
+
+
+def _new_temp(parent: Path, name: str) -> Path:
+    """A new, empty temporary sibling ``.<name>.probe-tmp-<pid>-<unique id>`` of this call, marked live."""
+    import uuid
+
+    tmp = parent / f".{name}{_TMP_INFIX}{os.getpid()}-{uuid.uuid4().hex}"
+    with _LIVE_LOCK:
+        os.mkdir(tmp, 0o700)
+        _LIVE_TEMPS.add(os.path.abspath(tmp))
+    return tmp
+
+
+def _release_temp(tmp: Path) -> None:
+    with _LIVE_LOCK:
+        _LIVE_TEMPS.discard(os.path.abspath(tmp))
+
+
+def _remove_dead_temps(parent: Path, name: str) -> None:
+    """Remove the temporary siblings of ``parent/name`` left by writes that died (killed runs).
+
+    Only a folder whose name parses exactly as ``.<name>.probe-tmp-<pid>-<32 hex digits>``, that
+    is a real folder (not a link) holding only regular files, and whose writer is provably gone
+    is removed: its process does not exist, or it is this process and no call here uses it any
+    more. Anything else is left alone (a live run's temporary folder, a user's
+    ``.run.probe-tmp-backup``, names with glob characters of other outputs).
+    """
+    import re
+    import shutil
+
+    pattern = re.compile(re.escape(f".{name}{_TMP_INFIX}") + r"([1-9][0-9]{0,9})-[0-9a-f]{32}")
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if not m or not entry.is_dir(follow_symlinks=False):
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid():
+            with _LIVE_LOCK:
+                dead = os.path.abspath(entry.path) not in _LIVE_TEMPS
+        else:
+            try:
+                os.kill(pid, 0)
+                dead = False
+            except ProcessLookupError:
+                dead = True
+            except (OSError, OverflowError, ValueError):  # another user's live process, or no such pid type
+                dead = False
+        if not dead:
+            continue
+        try:
+            if all(e.is_file(follow_symlinks=False) for e in os.scandir(entry.path)):
+                shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def write_output_set(out_dir: str | Path, files: dict[str, str | bytes]) -> None:
     """Write ``files`` (``{name: text or bytes}``) as one set: afterwards ``out_dir`` holds either the
     complete earlier set or the complete new one, never a mix.
 
-    The files are written and flushed into a hidden sibling folder, which then replaces
-    ``out_dir`` in one step (a new folder: ``rename``; an existing one: Linux
-    ``renameat2(RENAME_EXCHANGE)``, falling back to two renames where the file system lacks it);
-    the earlier set is then deleted. A run killed before the swap leaves ``out_dir`` as it was
-    (its hidden temporary sibling is removed by the next write to the same folder).
+    The files are written and flushed into a hidden sibling folder
+    ``.<name>.probe-tmp-<pid>-<unique id>``, which then replaces ``out_dir`` in one step (a new
+    folder: ``rename``; an existing one: Linux ``renameat2(RENAME_EXCHANGE)``, falling back to
+    two renames where the file system lacks it); the earlier set is then deleted. A run killed
+    before the swap leaves ``out_dir`` as it was; its hidden sibling is removed by a later write
+    to the same folder once its process is gone (nothing else is ever removed, see
+    :func:`_remove_dead_temps`). Files that appear in ``out_dir`` while the set is written are
+    checked for again at the swap: the write is then refused, ``out_dir`` keeps the earlier set
+    and those files, and the new set is kept beside it in ``<name>.probe-new-<id>``. Several
+    processes or threads may write the same folder at once; the last swap wins. A symbolic link
+    to a folder is written through (see :func:`check_output_dir`).
 
     Raises:
-        ProbeError: as :func:`check_output_dir`, or when writing fails (e.g. the disk is full).
+        ProbeError: as :func:`check_output_dir`; files added to the folder during the write;
+            writing fails (e.g. the disk is full).
     """
     import json
     import shutil
 
     from .errors import ProbeError
 
-    out = check_output_dir(out_dir)
+    out = _resolved_out(check_output_dir(out_dir))
     out.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{out.name}.probe-tmp-"
-    for stale in out.parent.glob(prefix + "*"):
-        try:
-            pid = int(stale.name[len(prefix):].split("-")[0])
-            os.kill(pid, 0)
-            alive = pid != os.getpid()
-        except (ValueError, ProcessLookupError):
-            alive = False
-        except PermissionError:
-            alive = True
-        if not alive:
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{prefix}{os.getpid()}-"))
+    _remove_dead_temps(out.parent, out.name)
+    tmp = _new_temp(out.parent, out.name)
+    kept = False
     try:
         for name, text in {**files, MARKER: json.dumps({"files": sorted(files)}) + "\n"}.items():
             binary = isinstance(text, (bytes, bytearray))
@@ -298,23 +394,82 @@ def write_output_set(out_dir: str | Path, files: dict[str, str | bytes]) -> None
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
-        if not out.exists():
-            os.rename(tmp, out)
-        elif _exchange(tmp, out):
-            shutil.rmtree(tmp, ignore_errors=True)  # now the earlier set
-        else:  # no atomic exchange here: two renames (a crash between them leaves the new set in tmp)
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{prefix}{os.getpid()}-old-"))
-            os.rmdir(old)
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+        kept = _swap_in(tmp, out)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise ProbeError(f"writing the report to {str(out)!r} failed ({e.strerror or e}); nothing there was "
                          "changed — free space or choose another --out") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    finally:
+        if not kept:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _release_temp(tmp)
+
+
+def _swap_in(tmp: Path, out: Path) -> bool:
+    """Put the finished set ``tmp`` in place of ``out`` (see :func:`write_output_set`); the earlier
+    set ends in ``tmp``. Returns False (``tmp`` is then to be removed).
+
+    Raises:
+        ProbeError: ``out`` gained files probe did not write, or stopped being a folder; the new
+            set is then kept beside it (renamed, so ``tmp`` is gone).
+    """
+    from .errors import ProbeError
+
+    def refuse(why: str) -> None:
+        keep = out.parent / f"{out.name}.probe-new-{tmp.name.rsplit('-', 1)[1][:8]}"
+        os.rename(tmp, keep)
+        raise ProbeError(f"--out {str(out)!r} {why} while probe wrote it, so it was not replaced; the new "
+                         f"results are in {str(keep)!r} — move your files elsewhere and rename that folder")
+
+    for _ in range(100):  # a folder created or removed by a concurrent writer in between: try again
+        if not os.path.lexists(out):
+            done = _rename(tmp, out, _RENAME_NOREPLACE)
+            if done is None:
+                try:
+                    os.rename(tmp, out)  # no NOREPLACE here: replaces at most an empty folder
+                    done = True
+                except OSError as e:
+                    if e.errno not in (39, 17):  # ENOTEMPTY, EEXIST
+                        raise
+                    done = False
+            if done:
+                return True
+            continue
+        if out.is_symlink() or not out.is_dir():
+            refuse("was replaced by a file or link")
+        theirs = _foreign_files(out)
+        if theirs:
+            refuse(f"gained files probe did not write ({_shown(theirs)})")
+        if _exchange(tmp, out):  # now tmp holds the earlier set
+            theirs = _foreign_files(tmp) if tmp.is_dir() and not tmp.is_symlink() else [out.name]
+            if theirs:  # written in the instant before the swap: put the earlier set back
+                if not _exchange(tmp, out):
+                    raise OSError(f"cannot restore {out} after files appeared in it")
+                refuse(f"gained files probe did not write ({_shown(theirs)})")
+            return False
+        old = _new_temp(out.parent, out.name)
+        os.rmdir(old)
+        try:
+            os.rename(out, old)
+        except FileNotFoundError:
+            _release_temp(old)
+            continue
+        theirs = _foreign_files(old)
+        if theirs:
+            os.rename(old, out)
+            _release_temp(old)
+            refuse(f"gained files probe did not write ({_shown(theirs)})")
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            os.rename(old, out)
+            _release_temp(old)
+            raise
+        import shutil
+
+        shutil.rmtree(old, ignore_errors=True)
+        _release_temp(old)
+        return True
+    raise OSError(f"{out} kept changing while probe wrote it")
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import threading
 import typing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
@@ -327,6 +328,8 @@ class Analysis:
 
 _REGISTRY: dict[str, type[Analysis]] = {}
 _LOADED = False
+_LOADING = threading.local()  # .active: this thread is importing BUILTIN_MODULES
+_LOAD_LOCK = threading.Lock()  # guards _REGISTRY
 
 
 def register_analysis(cls: type[Analysis] | None = None) -> Any:
@@ -350,8 +353,9 @@ def register_analysis(cls: type[Analysis] | None = None) -> Any:
         raise ProbeError(f"{cls.__name__}.consumes must list some of {CONSUMES}, got {cls.consumes!r}")
     if not dataclasses.is_dataclass(cls.Options):
         raise ProbeError(f"{cls.__name__}.Options must be a dataclass")
-    _REGISTRY.pop(cls.name, None)  # a replacement moves to the end of the run order
-    _REGISTRY[cls.name] = cls
+    with _LOAD_LOCK:
+        _REGISTRY.pop(cls.name, None)  # a replacement moves to the end of the run order
+        _REGISTRY[cls.name] = cls
     return cls
 
 
@@ -363,7 +367,8 @@ def unregister_analysis(name: str) -> None:
     """
     if name == CORE:
         raise ProbeError(f"{CORE!r} is part of every run and cannot be unregistered")
-    _REGISTRY.pop(name, None)
+    with _LOAD_LOCK:
+        _REGISTRY.pop(name, None)
 
 
 #: Output-folder files of probe itself, which an analysis's :meth:`Analysis.files` may not replace.
@@ -395,11 +400,22 @@ def analysis_files(heads: "pd.DataFrame", layers: "pd.DataFrame", meta: dict[str
 
 
 def _ensure_builtin() -> None:
+    """Import :data:`BUILTIN_MODULES` (they register themselves), thread-safely: every calling
+    thread imports them itself until one thread has finished all of them, so the registry is
+    marked loaded only after every import returned (Python's import locks make a thread wait for
+    a module another thread is importing); the importing thread's own nested calls (a module
+    registering itself) return at once. No lock is held across an import (no deadlock with a
+    thread importing one of the modules directly)."""
     global _LOADED
-    if not _LOADED:
-        _LOADED = True
+    if _LOADED or getattr(_LOADING, "active", False):
+        return
+    _LOADING.active = True
+    try:
         for mod in BUILTIN_MODULES:
             importlib.import_module(mod)
+    finally:
+        _LOADING.active = False
+    _LOADED = True
 
 
 def analyses() -> dict[str, type[Analysis]]:
@@ -408,7 +424,9 @@ def analyses() -> dict[str, type[Analysis]]:
     in registration order."""
     _ensure_builtin()
     rank = {m: i for i, m in enumerate(BUILTIN_MODULES)}
-    return dict(sorted(_REGISTRY.items(), key=lambda kv: rank.get(kv[1].__module__, len(rank))))
+    with _LOAD_LOCK:
+        items = list(_REGISTRY.items())
+    return dict(sorted(items, key=lambda kv: rank.get(kv[1].__module__, len(rank))))
 
 
 def get_analysis(name: str) -> type[Analysis]:

@@ -244,6 +244,110 @@ def _atomic_safetensors(sd: dict, path: Path, metadata: dict | None = None) -> N
 
 
 # -- the run -------------------------------------------------------------------------------
+def check_config(cfg: TrainConfig) -> None:
+    """Every setting of a run checked before any work (the CLI's ``probe train`` options).
+
+    Raises:
+        ProbeError: naming the option (as ``--option``), the value and the fix.
+    """
+    from .model import ATTENTIONS
+
+    def whole(name: str, v, lo: int, optional: bool = False, hi: int = 2**31 - 1) -> None:
+        if v is None and optional:
+            return
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise ProbeError(f"--{name} must be a whole number from {lo} to {hi}, got {v!r}")
+
+    def real(name: str, v, lo: float, optional: bool = False, strict: bool = True) -> None:
+        if v is None and optional:
+            return
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or not (v > lo if strict else v >= lo):
+            raise ProbeError(f"--{name} must be a finite number {'above' if strict else 'of at least'} {lo:g}, "
+                             f"got {v!r}")
+
+    if cfg.attention not in ATTENTIONS:
+        raise ProbeError(f"unknown --attention {cfg.attention!r}; use one of {', '.join(ATTENTIONS)}")
+    if cfg.position_schedule not in ("constant", "cosine"):
+        raise ProbeError(f"unknown --position-schedule {cfg.position_schedule!r}; use constant or cosine")
+    for name, v in (("dim", cfg.dim), ("depth", cfg.depth), ("heads", cfg.num_heads), ("mlp-dim", cfg.mlp_dim),
+                    ("batch-size", cfg.batch_size)):
+        whole(name, v, 1, hi=1 << 20)
+    if cfg.dim % cfg.num_heads:
+        raise ProbeError(f"--dim {cfg.dim} is not a multiple of --heads {cfg.num_heads} (each head takes dim/heads "
+                         f"channels); use e.g. --dim {cfg.num_heads * max(1, round(cfg.dim / cfg.num_heads))}")
+    real("epochs", cfg.epochs, 0)
+    real("lr", cfg.lr, 0)
+    real("position-lr-mult", cfg.position_lr_mult, 0, strict=False)
+    real("max-minutes", cfg.max_minutes, 0, optional=True)
+    whole("seed", cfg.seed, 0, hi=2**32 - 1)
+    whole("threads", cfg.threads, 1, optional=True, hi=4096)
+    whole("max-steps", cfg.max_steps, 1, optional=True)
+    whole("track-every", cfg.track_every, 0)
+    whole("limit-train", cfg.limit_train, 1, optional=True)
+    whole("checkpoint-every", cfg.checkpoint_every, 1)
+    whole("snapshot-every", cfg.snapshot_every, 1)
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ProbeError(f"--out {str(out)!r} is an existing file, not a run folder; pass a folder path")
+    anc = out
+    while not anc.exists() and anc.parent != anc:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ProbeError(f"--out {str(out)!r} lies under {str(anc)!r}, which is a file; pass a folder path")
+
+
+#: What a ``checkpoint.pt`` of :func:`train` holds.
+CHECKPOINT_KEYS = ("model", "optimizer", "step", "wall_s", "config", "log")
+
+
+def _read_checkpoint(ck: Path, resume_keys: dict, model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple:
+    """Resume state ``(step, wall_s, log)`` from ``ck`` into ``model`` and ``opt`` (weights only:
+    no pickled code runs).
+
+    Raises:
+        ProbeError: a damaged or truncated file, one lacking a part (e.g. the optimizer state), or
+            one of a run with other settings.
+    """
+    fix = f"delete {str(ck)!r} to start the run again, or pass another --out"
+    try:
+        state = torch.load(ck, weights_only=True, map_location="cpu")
+    except Exception as e:  # truncated zip, not a checkpoint, a pickle with code (refused)
+        raise ProbeError(f"{str(ck)!r} cannot be read as a checkpoint ({' '.join(str(e).split())[:100]}); "
+                         f"{fix}") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ProbeError(f"{str(ck)!r} lacks {', '.join(missing)} (not a complete checkpoint of probe train); {fix}")
+    try:
+        same = json.loads(state["config"]) == json.loads(json.dumps(resume_keys))
+    except (TypeError, ValueError):
+        same = False
+    if not same:
+        raise ProbeError(f"{str(ck)!r} belongs to a run with other settings; pass another --out "
+                         "or the same settings to resume it")
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        return int(state["step"]), float(state["wall_s"]), json.loads(state["log"])
+    except Exception as e:
+        raise ProbeError(f"{str(ck)!r} does not fit this run ({' '.join(str(e).split())[:100]}); {fix}") from None
+
+
+def check_run(cfg: TrainConfig) -> None:
+    """:func:`check_config`, and the checkpoint a run would resume from (``probe train`` calls this
+    before it shows any progress).
+
+    Raises:
+        ProbeError: as :func:`check_config` and :func:`_read_checkpoint`.
+    """
+    check_config(cfg)
+    ck = Path(cfg.out) / "checkpoint.pt"
+    if ck.is_file():
+        model = CordonnierViT(**cfg.model_config())
+        resume_keys = {k: v for k, v in asdict(cfg).items() if k not in ("max_minutes", "max_steps", "threads")}
+        _read_checkpoint(ck, resume_keys, model, make_optimizer(model, cfg))
+
+
 #: Columns of ``train_log.csv`` (written with its header even before the first logged step).
 LOG_COLUMNS = ("step", "epoch", "lr", "position_lr", "train_loss", "train_acc", "wall_s")
 
@@ -262,13 +366,23 @@ def train(cfg: TrainConfig, progress: Callable[[int, int, dict | None], None] | 
     refused.
 
     Raises:
-        ProbeError: bad data folders, an output folder holding another run's checkpoint.
+        ProbeError: a bad setting (:func:`check_config`), bad data folders, an output folder
+            holding another run's checkpoint or a damaged one (:func:`_read_checkpoint`).
     """
     from ..track import Tracker
 
+    check_config(cfg)
+    resume_keys = {k: v for k, v in asdict(cfg).items() if k not in ("max_minutes", "max_steps", "threads")}
+    torch.manual_seed(cfg.seed)
+    model = CordonnierViT(**cfg.model_config())
+    opt = make_optimizer(model, cfg)
+    step, wall, log = 0, 0.0, []
+    out = Path(cfg.out)
+    ck = out / "checkpoint.pt"
+    if ck.is_file():
+        step, wall, log = _read_checkpoint(ck, resume_keys, model, opt)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
     def reporter(role: str):
@@ -285,22 +399,6 @@ def train(cfg: TrainConfig, progress: Callable[[int, int, dict | None], None] | 
     n = len(xtr_u8)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = int(round(cfg.epochs * steps_per_epoch))
-    resume_keys = {k: v for k, v in asdict(cfg).items() if k not in ("max_minutes", "max_steps", "threads")}
-
-    torch.manual_seed(cfg.seed)
-    model = CordonnierViT(**cfg.model_config())
-    opt = make_optimizer(model, cfg)
-    step, wall, log = 0, 0.0, []
-    ck = out / "checkpoint.pt"
-    if ck.is_file():
-        state = torch.load(ck, weights_only=True, map_location="cpu")
-        if json.loads(state["config"]) != json.loads(json.dumps(resume_keys)):
-            raise ProbeError(f"{str(ck)!r} belongs to a run with other settings; pass another --out "
-                             "or the same settings to resume it")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step, wall = int(state["step"]), float(state["wall_s"])
-        log = json.loads(state["log"])
     tracker = None
     if cfg.track_every and test is not None:
         tracker = Tracker(test[0][torch.linspace(0, len(test[0]) - 1, cfg.track_images).long()],

@@ -41,6 +41,24 @@ def file_sha256(path: str | Path) -> str | None:
         return None
 
 
+def _looks_like(p: Path) -> str:
+    """A few words on what a file that is not a checkpoint seems to be (for error messages)."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return "unreadable"
+    if not head:
+        return "it is empty"
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip file, maybe truncated"
+    try:
+        head.decode("utf-8")
+        return "it is a text file" if b"\0" not in head else "binary data"
+    except UnicodeDecodeError:
+        return "binary data"
+
+
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint file without executing pickled code.
 
@@ -74,8 +92,10 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 f"or it holds pickled objects, which probe refuses to execute ({_short(e)}); "
                 "save a state_dict (torch.save(model.state_dict(), f)) or use safetensors"
             ) from None
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
-            raise ProbeError(f"weights file {str(p)!r} is not a checkpoint ({_short(e)})") from None
+        except Exception as e:  # any other failure of the reader: a text file, a truncated or foreign file
+            raise ProbeError(f"weights file {str(p)!r} is not a checkpoint ({_looks_like(p)}; "
+                             f"{type(e).__name__}: {_short(e)}); pass a .safetensors or torch.save state_dict "
+                             "file") from None
     for key in ("model", "state_dict", "model_state_dict", "module"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

@@ -9,6 +9,7 @@ factory has no trained weights of its own.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -30,13 +31,17 @@ def _import_module(mod_name: str, spec: str) -> Any:
         path = Path(mod_name).resolve()
         if not path.is_file():
             raise ProbeError(f"model file {mod_name!r} for --model {spec!r} not found")
-        loader_spec = importlib.util.spec_from_file_location(path.stem, path)
+        # a private name: a user's json.py or numpy.py never replaces the module of that name
+        private = f"_probe_user_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}_{_identifier(path.stem)}"
+        if private in sys.modules:
+            return sys.modules[private]
+        loader_spec = importlib.util.spec_from_file_location(private, path)
         mod = importlib.util.module_from_spec(loader_spec)
-        sys.modules[path.stem] = mod
+        sys.modules[private] = mod
         try:
             loader_spec.loader.exec_module(mod)
         except (Exception, SystemExit) as e:  # a module that raises, or calls sys.exit(), at import
-            del sys.modules[path.stem]
+            del sys.modules[private]
             raise ProbeError(f"cannot import {mod_name!r} for --model {spec!r} ({_import_failure(e)})") from None
         return mod
     try:
@@ -57,6 +62,11 @@ def _import_module(mod_name: str, spec: str) -> Any:
     except (Exception, SystemExit) as e:  # raised while executing the module: syntax error, sys.exit(), ...
         raise ProbeError(f"cannot import {mod_name!r} for --model {spec!r}: the module failed while it was "
                          f"imported ({_import_failure(e)}); fix the module") from None
+
+
+def _identifier(text: str) -> str:
+    """``text`` with every character that cannot appear in a Python identifier replaced by ``_``."""
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in text)
 
 
 def _import_failure(e: BaseException) -> str:
@@ -116,6 +126,9 @@ class FactorySource(ModelSource):
                 net = factory()
             except Exception as e:
                 raise ProbeError(f"factory {spec!r} failed: {short_message(e)}") from None
+            except SystemExit as e:
+                raise ProbeError(f"factory {spec!r} called sys.exit({e.code!r}) instead of returning a model; "
+                                 "make it return the nn.Module") from None
             if not isinstance(net, nn.Module):
                 raise ProbeError(f"factory {spec!r} returned {type(net).__name__}, not an nn.Module")
             return net
