@@ -54,13 +54,21 @@ def test_analyze_options_out_of_range(tmp_path, monkeypatch, args, needle):
     ({"grid": (4, 10 ** 9)}, "grid"),
     ({"grid": (4,)}, "grid"),
     ({"data_overrides": {"std": (1e-320, 1.0, 1.0)}}, "std"),
-    ({"conv_config": ConvLikeConfig(kernel_size=1000)}, "kernel size"),
-    ({"conv_config": ConvLikeConfig(r_local=1e308)}, "local radius"),
+    ({"kernel_size": 1000}, "kernel-size"),
+    ({"local_radius": 1e308}, "local-radius"),
     ({"layers": "0-99999999999999"}, "out of range"),
 ])
 def test_library_ranges(kw, needle):
     with pytest.raises(ProbeError, match=needle):
         probe.analyze(None, torch.rand(2, 3, 32, 32), attribution="none", **kw)
+
+
+def test_conv_config_ranges_are_checked_when_built():
+    """The conv test's config refuses absurd values where it is made, before any analysis."""
+    with pytest.raises(ProbeError, match="kernel size"):
+        ConvLikeConfig(kernel_size=1000)
+    with pytest.raises(ProbeError, match="r_local"):
+        ConvLikeConfig(r_local=1e308)
 
 
 def _tiny_dataset(root: Path, n: int = 4) -> Path:
