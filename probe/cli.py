@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import sys
 import time
 import warnings
@@ -73,16 +74,36 @@ def _loading(text: str):
         status.stop()
 
 
+#: ``running``: a command's own code runs (it reports Ctrl-C itself, :func:`_interruptible`).
+_CTRL_C = {"running": False}
+
+
+def _note_interrupt(signum, frame) -> None:
+    """SIGINT handler of the command line. Before a command's code runs (typer parsing its
+    options, which would end the process silently): ``interrupted``, exit 130 at once; then a
+    KeyboardInterrupt as usual."""
+    if not _CTRL_C["running"]:
+        _interrupted()
+        raise SystemExit(130)
+    signal.default_int_handler(signum, frame)
+
+
 def _interruptible(command):
-    """A command whose Ctrl-C anywhere (also while its imports load) ends with ``interrupted``, exit 130."""
+    """A command whose Ctrl-C anywhere (also while its imports load) ends with ``interrupted``,
+    exit 130."""
     import functools
 
     @functools.wraps(command)
     def run(*args, **kwargs):
+        _CTRL_C["running"] = True
         try:
             return command(*args, **kwargs)
         except KeyboardInterrupt:
             raise _interrupted() from None
+        finally:
+            _CTRL_C["running"] = False
+            if signal.getsignal(signal.SIGINT) is _note_interrupt:  # e.g. CliRunner in a test process
+                signal.signal(signal.SIGINT, signal.default_int_handler)
 
     return run
 
@@ -99,6 +120,10 @@ def _version(value: bool) -> None:
 def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                       help="print the version and exit")) -> None:
     """Analyse the attention heads of trained vision transformers."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _note_interrupt)
 
 
 def _safe_name(name: str) -> str:

@@ -726,7 +726,8 @@ def _check_query(query: Any, geometry) -> int:
 
 def _check_parameters(resolved: ResolvedModel) -> None:
     """The model's parameters and buffers hold values: none on the meta device (a model built
-    without memory), none NaN or infinite (damaged weights, a diverged training).
+    without memory), and no parameter NaN or infinite (damaged weights, a diverged training;
+    buffers may hold ``-inf`` masks).
 
     Raises:
         ProbeError: naming the model, its weights and the first bad tensor.
@@ -737,7 +738,7 @@ def _check_parameters(resolved: ResolvedModel) -> None:
         raise ProbeError(f"{resolved.name}: the model's tensors are on the meta device, without values (e.g. "
                          f"{meta[0]}); build it on the CPU (not under torch.device('meta') or init_empty_weights), "
                          "or materialise it (model.to_empty(device='cpu')) and load its weights")
-    for n, t in tensors:
+    for n, t in resolved.model.named_parameters():  # buffers may hold -inf masks on purpose
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ProbeError(f"{resolved.name}: the weights ({resolved.weights}) hold NaN or infinite values, e.g. in "
                              f"{n}; the checkpoint is damaged or its training diverged — pass other weights")

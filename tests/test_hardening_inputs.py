@@ -24,17 +24,14 @@ import probe
 from probe.cli import app
 from probe.errors import ProbeError
 
+from cli_errors import one_error_line
+
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 runner = CliRunner()
 SMALL = ["--input-size", "3,32,32", "--attribution", "none", "--no-conv-test", "--num-images", "2"]
 
-
-def _one_error(res) -> str:
-    lines = [l for l in res.output.splitlines() if l.strip()]
-    assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), res.output
-    return lines[0]
 
 
 def _user_file(folder: Path, name: str, body: str) -> Path:
@@ -65,7 +62,7 @@ def test_a_user_file_named_like_a_module_never_replaces_it(tmp_path, monkeypatch
 def test_bad_factories_are_refused_before_any_work(tmp_path, monkeypatch, body, needle):
     monkeypatch.chdir(tmp_path)
     _user_file(tmp_path / "models", "net.py", body)
-    line = _one_error(runner.invoke(app, ["analyze", "--model", "models/net.py:build", "--random-init",
+    line = one_error_line(runner.invoke(app, ["analyze", "--model", "models/net.py:build", "--random-init",
                                           "--out", "run", *SMALL]))
     assert needle in line and not (tmp_path / "run").exists()
 
@@ -80,7 +77,7 @@ def test_nan_weights_name_the_weights_not_the_capture_rule(tmp_path):
     sd = {k: v.clone().contiguous() for k, v in sd.items()}
     sd[name].view(-1)[1] = float("inf")
     save_file(sd, tmp_path / "w.safetensors")
-    line = _one_error(runner.invoke(app, ["analyze", "--model", "probe.cordonnier:build", "--weights",
+    line = one_error_line(runner.invoke(app, ["analyze", "--model", "probe.cordonnier:build", "--weights",
                                           str(tmp_path / "w.safetensors"), "--out", str(tmp_path / "run"),
                                           "--attribution", "none", "--num-images", "2"]))
     assert "NaN or infinite" in line and name in line and "w.safetensors" in line and "rule" not in line
@@ -93,23 +90,42 @@ def test_nan_weights_name_the_weights_not_the_capture_rule(tmp_path):
 
 def test_weights_a_text_file_says_so(tmp_path):
     (tmp_path / "w.pth").write_text("hello, not a checkpoint\n")
-    line = _one_error(runner.invoke(app, ["analyze", "--model", "probe.cordonnier:build", "--weights",
+    line = one_error_line(runner.invoke(app, ["analyze", "--model", "probe.cordonnier:build", "--weights",
                                           str(tmp_path / "w.pth"), "--out", str(tmp_path / "run"),
                                           "--attribution", "none"]))
     assert "is not a checkpoint (it is a text file" in line
 
 
-@pytest.mark.parametrize("delay", [0.3, 1.0])
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.2, 1.0])
 def test_ctrl_c_early_says_interrupted(tmp_path, delay):
-    proc = subprocess.Popen([sys.executable, "-m", "probe", "analyze", "--out", str(tmp_path / "run"),
-                             "--attribution", "none"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=tmp_path)
+    """Ctrl-C at moments of the first seconds (typer's option parsing, the command's imports, model
+    loading), counted from the moment the command line's ``typer`` is imported (``-X importtime``
+    says when; before that Python itself is still starting ``-m probe``)."""
+    import threading
+
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "probe", "analyze", "--out",
+                             str(tmp_path / "run"), "--attribution", "none"], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    lines, loaded = [], threading.Event()
+
+    def drain():  # keep reading: a full pipe would stall the child
+        for line in proc.stderr:
+            lines.append(line.rstrip())
+            if re.search(r"\|\s+typer$", line.rstrip()):
+                loaded.set()
+        loaded.set()
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    assert loaded.wait(60)
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    reader.join(30)
+    said = [l for l in lines if l.strip() and not l.startswith("import time:")]
     # 130, or killed by SIGINT (-2), which a shell also reports as 130: Python ends that way when the
     # interrupt passed through C code running Python (an import), even after the command's own exit
-    assert proc.returncode in (130, -signal.SIGINT) and err.strip().splitlines()[-1] == "interrupted", err[-500:]
+    assert proc.returncode in (130, -signal.SIGINT) and said[-1:] == ["interrupted"], said[-5:]
     assert not (tmp_path / "run").exists()
 
 
@@ -136,7 +152,7 @@ def test_newlines_in_image_names_keep_one_line_per_image(tmp_path):
 def test_images_a_fifo_or_a_device_says_what_it_is(tmp_path):
     os.mkfifo(tmp_path / "pipe.png")
     for path, needle in ((tmp_path / "pipe.png", "named pipe (FIFO)"), (Path("/dev/zero"), "is a device")):
-        line = _one_error(runner.invoke(app, ["analyze", "--images", str(path), "--out", str(tmp_path / "run"),
+        line = one_error_line(runner.invoke(app, ["analyze", "--images", str(path), "--out", str(tmp_path / "run"),
                                               "--attribution", "none"]))
         assert needle in line
     with pytest.raises(ProbeError, match="named pipe"):

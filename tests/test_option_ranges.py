@@ -17,13 +17,10 @@ from probe.analyses.convlike import ConvLikeConfig
 from probe.cli import app
 from probe.errors import ProbeError
 
+from cli_errors import one_error_line
+
 runner = CliRunner()
 
-
-def _one_error(res) -> str:
-    lines = [l for l in res.output.splitlines() if l.strip()]
-    assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), res.output
-    return lines[0]
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -41,7 +38,7 @@ def _one_error(res) -> str:
 ])
 def test_analyze_options_out_of_range(tmp_path, monkeypatch, args, needle):
     monkeypatch.chdir(tmp_path)
-    line = _one_error(runner.invoke(app, ["analyze", "--out", "run", "--attribution", "none", *args]))
+    line = one_error_line(runner.invoke(app, ["analyze", "--out", "run", "--attribution", "none", *args]))
     assert needle in line
     assert list(tmp_path.iterdir()) == []
 
@@ -102,7 +99,7 @@ def test_train_options_are_checked_before_any_work(tmp_path, monkeypatch, args, 
     monkeypatch.chdir(tmp_path)
     _tiny_dataset(tmp_path / "data")
     res = runner.invoke(app, ["train", "--train", "data", "--out", "run", *TINY, *args])
-    assert needle in _one_error(res)
+    assert needle in one_error_line(res)
     assert not (tmp_path / "run").exists()
 
 
@@ -110,8 +107,8 @@ def test_train_out_a_file_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _tiny_dataset(tmp_path / "data")
     Path("afile").write_text("keep")
-    assert "existing file" in _one_error(runner.invoke(app, ["train", "--train", "data", "--out", "afile", *TINY]))
-    assert "which is a file" in _one_error(runner.invoke(app, ["train", "--train", "data", "--out", "afile/x",
+    assert "existing file" in one_error_line(runner.invoke(app, ["train", "--train", "data", "--out", "afile", *TINY]))
+    assert "which is a file" in one_error_line(runner.invoke(app, ["train", "--train", "data", "--out", "afile/x",
                                                                *TINY]))
     assert Path("afile").read_text() == "keep"
 
@@ -134,6 +131,6 @@ def test_damaged_checkpoints_are_refused_before_training(tmp_path, monkeypatch):
     for data, needle in cases:
         ck.write_bytes(data)
         before = sorted(p.name for p in (tmp_path / "run").rglob("*"))
-        line = _one_error(runner.invoke(app, ["train", "--train", "data", "--out", "run", *TINY, "--max-steps", "2"]))
+        line = one_error_line(runner.invoke(app, ["train", "--train", "data", "--out", "run", *TINY, "--max-steps", "2"]))
         assert needle in line and "delete" in line
         assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == before

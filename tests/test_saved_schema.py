@@ -23,6 +23,8 @@ from typer.testing import CliRunner
 import probe
 from probe.cli import app
 from probe.errors import ProbeError
+
+from cli_errors import one_error_line
 from probe.saved import RESULT_FILE, STATS_FILE
 
 from conftest import tiny_vit
@@ -109,11 +111,6 @@ def _first_tag(doc, tag):
     raise AssertionError(f"no {tag} in the document")
 
 
-def _one_error(res) -> str:
-    lines = [l for l in res.output.splitlines() if l.strip()]
-    assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), res.output
-    return lines[0]
-
 
 @pytest.mark.parametrize("name, change, needle", CASES, ids=[c[0] for c in CASES])
 def test_tampered_documents_give_one_clear_error(saved, tmp_path, name, change, needle):
@@ -121,7 +118,7 @@ def test_tampered_documents_give_one_clear_error(saved, tmp_path, name, change, 
     with pytest.raises(ProbeError) as e:
         probe.load(d)
     assert needle in str(e.value) and "\n" not in str(e.value)
-    line = _one_error(runner.invoke(app, ["compare", str(saved), str(d), "--out", str(tmp_path / "cmp")]))
+    line = one_error_line(runner.invoke(app, ["compare", str(saved), str(d), "--out", str(tmp_path / "cmp")]))
     assert needle.split("'")[0][:20] in line
     assert not (tmp_path / "cmp").exists()
 
@@ -143,7 +140,7 @@ def test_non_standard_or_deep_json_is_refused(saved, tmp_path, raw, needle):
     (d / RESULT_FILE).write_bytes(raw.encode("latin-1") if raw.startswith("\xff") else raw.encode())
     with pytest.raises(ProbeError, match=needle):
         probe.load(d)
-    _one_error(runner.invoke(app, ["compare", str(saved), str(d), "--out", str(tmp_path / "cmp")]))
+    one_error_line(runner.invoke(app, ["compare", str(saved), str(d), "--out", str(tmp_path / "cmp")]))
 
 
 def test_statistics_of_the_wrong_shape_or_type(saved, tmp_path):
@@ -160,7 +157,7 @@ def test_statistics_of_the_wrong_shape_or_type(saved, tmp_path):
         (d / STATS_FILE).write_bytes(gzip.compress(st_save(tensors)))
         with pytest.raises(ProbeError, match=f"layer 0 statistics do not fit.*{key}"):
             probe.load(d)
-        line = _one_error(runner.invoke(app, ["compare", str(saved), str(d), "--out", str(tmp_path / "cmp")]))
+        line = one_error_line(runner.invoke(app, ["compare", str(saved), str(d), "--out", str(tmp_path / "cmp")]))
         assert key in line
 
 
@@ -191,7 +188,7 @@ def test_only_regular_files_inside_the_folder_are_read(saved, tmp_path):
 def test_analyze_out_onto_a_folder_with_a_tampered_marker_is_refused(saved, tmp_path):
     d = _copy(saved, tmp_path / "t")
     (d / ".probe-output.json").write_text('{"files": ' + "[" * 5000 + "]" * 5000 + "}")
-    line = _one_error(runner.invoke(app, ["analyze", "--out", str(d), "--attribution", "none"]))
+    line = one_error_line(runner.invoke(app, ["analyze", "--out", str(d), "--attribution", "none"]))
     assert "did not write" in line
     assert sorted(p.name for p in d.iterdir()) == sorted(p.name for p in saved.iterdir())
 
