@@ -209,8 +209,11 @@ def test_bad_inputs():
     with pytest.raises(ProbeError, match="does not fit"):  # an explicit kernel wider than the grid
         convlike_test({0: LayerFit(np.zeros((9, 2)), np.ones(9), grid=(4, 4))},
                       config=ConvLikeConfig(kernel_size=5))
-    # legacy calibrations of saved results are read as the grid test
-    assert ConvLikeConfig(calibration="taps").calibration == "grid"
+    # legacy calibrations of saved results load, and re-running them runs the grid test
+    legacy = ConvLikeConfig(calibration="taps", n_null=199)
+    assert legacy.legacy
+    again = convlike_test({0: LayerFit(kernel_lattice(3), np.full(9, 30.0))}, config=legacy)
+    assert again.config.calibration == "grid" and not again.config.legacy
 
 
 # --- planted models and ConViT ----------------------------------------------------------

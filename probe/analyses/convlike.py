@@ -84,7 +84,8 @@ Definitions (defaults in :class:`ConvLikeConfig`):
   up to which every analysed layer from the first is conv-like (``deepest_conv_layer``).
 
 Legacy settings. ``calibration`` ``"taps"`` and ``"lattice"`` (the two earlier calibrations, kept
-in saved results of format 1) are read as ``"grid"``; ``null``, ``alpha_pool`` and ``tap_window``
+in saved results of format 1) load as they were saved, with a summary that says so; re-running
+the test on them runs the grid test; ``null``, ``alpha_pool`` and ``tap_window``
 are kept so that such results load, and have no effect on the verdict.
 """
 
@@ -148,7 +149,8 @@ class ConvLikeConfig:
         n_null: Monte-Carlo draws of the null per (local heads, taps, K, dilation).
         n_uncertainty: draws for the verdict's stability from standard errors.
         seed: seed of all Monte-Carlo draws.
-        calibration: ``"grid"`` (legacy ``"taps"``/``"lattice"`` are read as ``"grid"``).
+        calibration: ``"grid"`` (legacy ``"taps"``/``"lattice"`` of saved results are kept, and
+            :func:`convlike_test` runs the grid test for them; :attr:`legacy`).
         tap_separation: centres closer than this (patches) are one tap (descriptive count).
         min_stability: a verdict that fewer than this fraction of the uncertainty replicates
             reproduce is reported as ``"borderline"``.
@@ -177,15 +179,19 @@ class ConvLikeConfig:
     min_stability: float = 0.8
     dilations: tuple[int, ...] = (1, 2)
 
+    @property
+    def legacy(self) -> bool:
+        """True for the config of a result saved by an earlier version of the test (calibration
+        ``"taps"`` or ``"lattice"``); :func:`convlike_test` runs the grid test for it."""
+        return self.calibration in LEGACY_CALIBRATIONS
+
     def window(self, kernel_size: int) -> float:
         """Half-width (patches, per axis) of the window of the descriptive tap count:
         ``(K − 1) + 1/2`` — the ``K x K`` kernel at dilation up to 2, plus half a patch."""
         return default_tap_window(kernel_size)
 
     def __post_init__(self) -> None:
-        if self.calibration in LEGACY_CALIBRATIONS:
-            object.__setattr__(self, "calibration", "grid")
-        if self.calibration not in CALIBRATIONS:
+        if self.calibration not in CALIBRATIONS + LEGACY_CALIBRATIONS:
             raise ProbeError(f"calibration must be 'grid', got {self.calibration!r}")
         if self.kernel_size is not None:
             if isinstance(self.kernel_size, bool) or int(self.kernel_size) != self.kernel_size \
@@ -958,8 +964,14 @@ class ConvLikeResult:
     def summary(self) -> str:
         """One paragraph stating the claim and the verdict in plain words, for reports."""
         c = self.config
-        t = self.layers
+        t = self.layers.copy()
+        if "conv_dilation" not in t:  # a result saved before dilations were tested
+            t["conv_dilation"] = 1
         like = self.conv_like_layers
+        if c.legacy:
+            return (f"Saved by an earlier version of the conv test (calibration {c.calibration!r}, withdrawn: it "
+                    f"called random local scatter conv-like); conv-like then: {layer_range_text(like)}. Re-run it "
+                    "with AnalysisResult.rerun() for the current grid test.")
         n = len(t)
         if like:
             parts = []
@@ -1046,6 +1058,10 @@ def convlike_test(
         if not isinstance(v, LayerFit):
             raise ProbeError(f"layer {k}: expected a LayerFit, got {type(v).__name__}")
     ri = _random_init_arrays(random_init, list(fits))
+    if config.legacy:  # a saved result's config of an earlier test version: the grid test now
+        from dataclasses import replace
+
+        config = replace(config, calibration="grid")
 
     rows, head_rows, nulls, replicates = [], [], {}, {}
     cache = {} if cache is None else cache
