@@ -279,7 +279,7 @@ def check_config(cfg: TrainConfig) -> None:
     real("epochs", cfg.epochs, 0)
     real("lr", cfg.lr, 0)
     real("position-lr-mult", cfg.position_lr_mult, 0, strict=False)
-    real("max-minutes", cfg.max_minutes, 0, optional=True)
+    real("max-minutes", cfg.max_minutes, 0, optional=True, strict=False)  # 0: stop after the first step
     whole("seed", cfg.seed, 0, hi=2**32 - 1)
     whole("threads", cfg.threads, 1, optional=True, hi=4096)
     whole("max-steps", cfg.max_steps, 1, optional=True)
