@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from ..errors import ProbeError
 from .model import CIFAR_CFG, CordonnierViT
+from .train import lr_factors as cpu_lr_factors
 from .train import position_parameter_names
 
 
@@ -147,15 +148,13 @@ def epoch_batches(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.
 
 def lr_factors(step: int, total: int, warmup: float, mult: float, schedule: str) -> tuple[float, float]:
     """``(weights factor, position factor)`` of the base learning rate at ``step`` (0-based):
-    linear warm-up over ``warmup · total`` steps, then cosine decay to 0 (as
-    :func:`probe.cordonnier.train.lr_factors`)."""
-    warm = max(1, int(round(warmup * total)))
-    if step < warm:
-        f = (step + 1) / warm
-        return f, f * mult
-    t = (step - warm) / max(1, total - warm)
-    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-    return cos, (cos if schedule == "cosine" else 1.0) * mult
+    :func:`probe.cordonnier.train.lr_factors` (linear warm-up over ``warmup · total`` steps, then
+    cosine decay; the positional parameters at ``mult`` times, decaying with the weights when
+    ``schedule == "cosine"``)."""
+    from types import SimpleNamespace
+
+    return cpu_lr_factors(step, total, SimpleNamespace(warmup=warmup, position_lr_mult=mult,
+                                                       position_schedule=schedule))
 
 
 class _Step:
