@@ -11,7 +11,9 @@ holds, besides the human-readable report:
     JSON whose arrays live in ``extras.safetensors``. Standard JSON: non-finite floats are written
     ``{"$float": "nan"}``; dicts with integer keys ``{"$int_keys": {"0": ...}}``; tuples
     ``{"$tuple": [...]}``; arrays ``{"$ndarray": "key"}`` (a tensor of ``extras.safetensors``);
-    DataFrames ``{"$frame": ...}``; probe's dataclasses ``{"$dataclass": "module:Class", ...}``
+    DataFrames ``{"$frame": ...}``; probe's dataclasses ``{"$dataclass": TAG, ...}`` with a stable tag
+    of :data:`SAVED_TYPES` (``"module:Class"`` in folders written before the tags, read through
+    :data:`SAVED_TYPE_ALIASES`)
     (only classes defined in ``probe`` are rebuilt; nothing is unpickled).
 ``heads.csv``, ``layers.csv``
     the two tables (:mod:`probe.tables`), read back with the recorded column types (floats
@@ -52,6 +54,64 @@ from .preflight import RESULT_FILE, check_result_folder
 
 #: Version of the saved-result format written by this probe (2: the statistics gzip-compressed).
 FORMAT = 2
+
+#: Stable type tags of probe's dataclasses in saved results (``{"$dataclass": TAG, ...}``): a tag
+#: names the class wherever its code lives, so moving a class to another module changes only this
+#: table, never a saved folder. Classes not listed (a plug-in's own) are stored as
+#: ``"module:qualname"`` (refused on load unless under ``probe.``).
+SAVED_TYPES: dict[str, str] = {
+    "TokenGeometry": "probe.geometry:TokenGeometry",
+    "LayerStats": "probe.analyses.reducers:LayerStats",
+    "QuadraticFit": "probe.analyses.quadratic:QuadraticFit",
+    "ConvLikeConfig": "probe.analyses.convlike:ConvLikeConfig",
+    "ConvLikeResult": "probe.analyses.convlike:ConvLikeResult",
+    "LayerFit": "probe.analyses.convlike:LayerFit",
+    "LatticeMatch": "probe.analyses.convlike:LatticeMatch",
+    "HeadAttribution": "probe.attribution:HeadAttribution",
+    "AblationCheck": "probe.attribution:AblationCheck",
+    "RolloutMaps": "probe.analyses.rollout:RolloutMaps",
+    "RolloutOptions": "probe.analyses.rollout:RolloutOptions",
+    "NmiPerImage": "probe.analyses.nmi:NmiPerImage",
+    "DistanceModes": "probe.analyses.distance_modes:DistanceModes",
+    "SinkStats": "probe.analyses.sinks:SinkStats",
+    "SinkOptions": "probe.analyses.sinks:SinkOptions",
+    "QuadraticOptions": "probe.steps:QuadraticOptions",
+    "ConvTestOptions": "probe.steps:ConvTestOptions",
+    "AttributionOptions": "probe.steps:AttributionOptions",
+    "NoOptions": "probe.analyses.base:NoOptions",
+    "RunSettings": "probe.analyses.base:RunSettings",
+}
+#: ``"module:qualname"`` names written before the tags (format 1 and early format 2) -> tag: a
+#: class that moves keeps its old name here, so folders that name it the old way still load.
+SAVED_TYPE_ALIASES: dict[str, str] = {path: tag for tag, path in SAVED_TYPES.items()}
+
+
+def register_saved_type(tag: str, cls: type, aliases: tuple[str, ...] = ()) -> None:
+    """Give a dataclass of a plug-in analysis a stable tag in saved results.
+
+    Args:
+        tag: a name without ``:`` (e.g. ``"myorg.MyResult"``); cls: the dataclass;
+        aliases: earlier ``"module:qualname"`` names of it, still read.
+
+    Raises:
+        ProbeError: a tag with ``:``, a class that is not a dataclass, or a tag taken by another class.
+    """
+    if not isinstance(tag, str) or not tag or ":" in tag:
+        raise ProbeError(f"a saved-type tag is a name without ':', got {tag!r}")
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise ProbeError(f"register_saved_type needs a dataclass, got {cls!r}")
+    path = f"{cls.__module__}:{cls.__qualname__}"
+    if SAVED_TYPES.get(tag, path) != path:
+        raise ProbeError(f"the saved-type tag {tag!r} already names {SAVED_TYPES[tag]}")
+    SAVED_TYPES[tag] = path
+    for a in (path, *aliases):
+        SAVED_TYPE_ALIASES[a] = tag
+
+
+def _type_tag(cls: type) -> str:
+    """The tag a dataclass is saved under (its ``module:qualname`` when it has none)."""
+    path = f"{cls.__module__}:{cls.__qualname__}"
+    return SAVED_TYPE_ALIASES.get(path, path)
 #: Formats :func:`load` reads.
 READABLE = (1, 2)
 #: The statistics file (format 1 wrote it uncompressed, as ``stats.safetensors``).
@@ -115,7 +175,7 @@ class _Encoder:
             if not cls.__module__.startswith("probe."):
                 raise _Unsupported(f"dataclass {cls.__module__}.{cls.__qualname__} (only probe's are stored)")
             fields = {f.name: self(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init}
-            return {"$dataclass": f"{cls.__module__}:{cls.__qualname__}", "fields": fields}
+            return {"$dataclass": _type_tag(cls), "fields": fields}
         raise _Unsupported(type(v).__name__)
 
     def _frame(self, df: pd.DataFrame) -> dict:
@@ -189,6 +249,13 @@ class _Decoder:
     def _dataclass(self, name: str, fields: dict) -> Any:
         import importlib
 
+        if ":" not in name:  # a stable tag
+            if name not in SAVED_TYPES:
+                raise ProbeError(f"{self.where}: the saved type {name!r} is unknown to this probe; load the folder "
+                                 "with the probe version (or plug-in) that wrote it")
+            name = SAVED_TYPES[name]
+        elif name in SAVED_TYPE_ALIASES:  # an older module:qualname name of a tagged class
+            name = SAVED_TYPES[SAVED_TYPE_ALIASES[name]]
         mod, _, qual = name.partition(":")
         if not mod.startswith("probe."):
             raise ProbeError(f"{self.where}: refusing to rebuild {name!r} (only probe's own classes are loaded)")
@@ -474,7 +541,8 @@ def _schema() -> dict:
                           "properties": {"shape": shape, "values": {"type": "array", "items": ref}}}),
         tag("$frame", frame),
         {"type": "object", "required": ["$dataclass", "fields"], "additionalProperties": False, "properties": {
-            "$dataclass": {"type": "string", "pattern": r"^probe(\.[A-Za-z_]\w*)+:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$"},
+            "$dataclass": {"type": "string",
+                           "pattern": r"^(probe(\.[A-Za-z_]\w*)+:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*|[A-Za-z_][\w.]*)$"},
             "fields": {"$ref": "#/$defs/plain"}}},
     ]
     return {
@@ -858,4 +926,5 @@ def is_saved_result(path: str | Path) -> bool:
         return False
 
 
-__all__ = ["FORMAT", "READABLE", "load", "saved_files", "is_saved_result"]
+__all__ = ["FORMAT", "READABLE", "SAVED_TYPES", "SAVED_TYPE_ALIASES", "load", "saved_files", "is_saved_result",
+           "register_saved_type"]
