@@ -160,10 +160,10 @@ def load_folder(root: str | Path, size: int = 32, cache: bool = True, limit: int
 
 
 def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
-    """``(N, H, W, 3)`` uint8 -> ``(N, 3, H, W)`` float32 with CIFAR-10 mean/std."""
+    """``(N, H, W, 3)`` uint8 -> ``(N, 3, H, W)`` float32 with CIFAR-10 mean/std, on ``x_uint8``'s device."""
     x = x_uint8.permute(0, 3, 1, 2).float().div_(255)
-    mean = torch.tensor(CIFAR_CFG["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_CFG["std"]).view(1, 3, 1, 1)
+    mean = torch.tensor(CIFAR_CFG["mean"], device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR_CFG["std"], device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 

@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ProbeError
-from .model import CIFAR_CFG, CordonnierViT
+from .model import CordonnierViT
+from .train import evaluate, normalize, position_parameter_names
 from .train import lr_factors as cpu_lr_factors
-from .train import position_parameter_names
 
 
 @dataclass
@@ -117,13 +117,6 @@ def decode_packed(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[st
         with Image.open(io.BytesIO(data[offs[i]:offs[i + 1]].tobytes())) as im:
             x[i] = np.asarray(im.convert("RGB").resize((32, 32)) if im.size != (32, 32) else im.convert("RGB"))
     return torch.from_numpy(x), torch.from_numpy(labels.astype(np.int64)), classes
-
-
-def _normalise(x_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
-    x = x_u8.to(device).permute(0, 3, 1, 2).float().div_(255)
-    mean = torch.tensor(CIFAR_CFG["mean"], device=device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_CFG["std"], device=device).view(1, 3, 1, 1)
-    return (x - mean) / std
 
 
 def epoch_batches(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -228,14 +221,10 @@ class _Step:
             self._body()
 
 
-def _evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool, batch: int = 1000) -> float:
-    model.eval()
-    correct = 0
-    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-        for i in range(0, len(x), batch):
-            correct += int((model(x[i:i + batch]).float().argmax(1) == y[i:i + batch]).sum())
-    model.train()
-    return correct / max(1, len(x))
+def _evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool) -> float:
+    """:func:`probe.cordonnier.train.evaluate`, under bf16 autocast when ``amp``."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        return evaluate(model, x, y, batch=1000)
 
 
 def positions(model: CordonnierViT, step: int) -> list[dict]:
@@ -270,7 +259,8 @@ def train_cuda(cfg: CudaTrainConfig, train: tuple[torch.Tensor, torch.Tensor],
     if cfg.position_schedule not in ("cosine", "constant"):
         raise ProbeError(f"position_schedule must be 'cosine' or 'constant', got {cfg.position_schedule!r}")
     dev = torch.device(device)
-    xtr, ytr = _normalise(train[0], dev), train[1].to(dev)
+    xtr, ytr = normalize(train[0].to(dev)), train[1].to(dev)
+    xte, yte = (normalize(test[0].to(dev)), test[1].to(dev)) if test is not None else (None, None)
     n = len(xtr)
     spe = n // cfg.batch_size
     if spe < 1:
@@ -330,7 +320,7 @@ def train_cuda(cfg: CudaTrainConfig, train: tuple[torch.Tensor, torch.Tensor],
         row = {"epoch": epoch + 1, "step": (epoch + 1) * spe, "lr": cfg.lr * fw, "position_lr": cfg.lr * fp,
                "train_loss": loss, "train_acc": acc, "wall_s": round(time.perf_counter() - t0, 2)}
         if test is not None and ((epoch + 1) % max(1, epochs // 10) == 0 or epoch + 1 == epochs):
-            row["test_acc"] = _evaluate(model, _normalise(test[0], dev), test[1].to(dev), cfg.amp)
+            row["test_acc"] = _evaluate(model, xte, yte, cfg.amp)
         rows.append(row)
         log(json.dumps(row))
     if total % cfg.track_every:
@@ -339,7 +329,7 @@ def train_cuda(cfg: CudaTrainConfig, train: tuple[torch.Tensor, torch.Tensor],
                "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                "torch": torch.__version__, "train_images": n}
     if test is not None:
-        summary["test_accuracy"] = _evaluate(model, _normalise(test[0], dev), test[1].to(dev), cfg.amp)
-        summary["test_accuracy_fp32"] = _evaluate(model, _normalise(test[0], dev), test[1].to(dev), False)
+        summary["test_accuracy"] = _evaluate(model, xte, yte, cfg.amp)
+        summary["test_accuracy_fp32"] = _evaluate(model, xte, yte, False)
         summary["test_images"] = len(test[0])
     return model, summary, rows, track
