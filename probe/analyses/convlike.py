@@ -795,8 +795,8 @@ def grid_test(delta, local, kernel_size: int | Sequence[int], *, grid: tuple[int
         and ``dilation`` of the deciding hypothesis (the smallest p among those with
         ``S >= config.min_score``, else the smallest p; ties: the larger kernel, the higher score,
         the smaller dilation; 0 when none), ``score`` (``S`` there), ``scores`` and ``p_d`` (``{(K, d): value}``),
-        ``n_local`` (local heads), ``n_window`` and ``n_target`` there, ``null`` (sorted null draws
-        there) and ``null_for`` (``(K, d) -> null``).
+        ``n_local`` (local heads), ``n_window`` and ``n_target`` there, ``inside`` (``(H,)`` the heads
+        judged there), ``null`` (sorted null draws there) and ``null_for`` (``(K, d) -> null``).
 
     Raises:
         ProbeError: on mismatched shapes.
@@ -807,17 +807,19 @@ def grid_test(delta, local, kernel_size: int | Sequence[int], *, grid: tuple[int
     h, m = d.shape[0], int(loc.sum())
     hyps = [(k, dl) for k in ks if k for dl in _tested_dilations(k, grid, config)]
 
+    inside = {(k, dl): in_window(d, loc, k, dl) for k, dl in hyps}  # the heads each hypothesis judges
+
     def null_for(hyp: tuple[int, int]) -> np.ndarray:
         k, dl = hyp
-        inside = in_window(d, loc, k, dl)
-        mw, n_target = int(inside.sum()), min(h, k * k)
-        sep = null_separation(d[inside], k, dl)
+        mw, n_target = int(inside[hyp].sum()), min(h, k * k)
+        sep = null_separation(d[inside[hyp]], k, dl)
         key = (mw, n_target, k, dl, sep, config.seed, config.n_null, config.tolerance)
         if key not in cache:
             cache[key] = null_scores(mw, n_target, k, dl, config=config, separation=sep)
         return cache[key]
 
-    scores = {(k, dl): grid_scores(d, loc, k, [dl], tolerance=config.tolerance)[dl] for k, dl in hyps}
+    scores = {(k, dl): float(_scores_from_masks(d[None], inside[(k, dl)][None].astype(np.float64), k,
+                                                 config.tolerance, dl)[0]) for k, dl in hyps}
     p_d = {hyp: float(_p_value(null_for(hyp), sc)) for hyp, sc in scores.items()}
     if not p_d:
         return {"p": float("nan"), "kernel_size": ks[0] if ks else 0, "dilation": 0, "score": 0.0, "scores": {},
@@ -831,7 +833,7 @@ def grid_test(delta, local, kernel_size: int | Sequence[int], *, grid: tuple[int
     best = min(eligible, key=lambda hyp: (p_d[hyp], -hyp[0], -scores[hyp], hyp[1]))
     k, dl = best
     return {"p": min(1.0, len(p_d) * p_d[best]), "kernel_size": k, "dilation": dl, "score": scores[best],
-            "scores": scores, "p_d": p_d, "n_local": m, "n_window": int(in_window(d, loc, k, dl).sum()),
+            "scores": scores, "p_d": p_d, "n_local": m, "n_window": int(inside[best].sum()), "inside": inside[best],
             "n_target": min(h, k * k), "null": null_for(best), "null_for": null_for, "hypotheses": hyps}
 
 
@@ -1077,7 +1079,7 @@ def convlike_test(
         m, n_target, k, best, p, null, scores = (gt["n_local"], gt["n_target"], gt["kernel_size"], gt["dilation"],
                                                  gt["p"], gt["null"], gt["scores"])
         hyps = gt["hypotheses"]
-        match = (lattice_match(fit.delta, in_window(fit.delta, local, k, best), k, tolerance=config.tolerance,
+        match = (lattice_match(fit.delta, gt["inside"], k, tolerance=config.tolerance,
                                cover_radius=config.cover_radius, dilation=best) if best else None)
         nulls[layer] = null
         n_taps, taps, tap_labels = 0, 0.0, np.full(h, -1)

@@ -530,11 +530,7 @@ def offset_profile(mean_attn, geometry: TokenGeometry, query_mask=None) -> torch
     off = geometry.offsets().numpy().astype(np.int64)
     flat = (off[..., 0] + rows - 1) * (2 * cols - 1) + (off[..., 1] + cols - 1)  # (P, P)
     out = np.zeros((a.shape[0], (2 * rows - 1) * (2 * cols - 1)))
-    if query_mask is None:
-        for h in range(a.shape[0]):
-            out[h] = np.bincount(flat.ravel(), weights=a[h].ravel(), minlength=out.shape[1])
-        return torch.from_numpy(out.reshape(a.shape[0], 2 * rows - 1, 2 * cols - 1) / P)
-    qm = np.asarray(query_mask, dtype=bool)
+    qm = np.ones((a.shape[0], P), dtype=bool) if query_mask is None else np.asarray(query_mask, dtype=bool)
     if qm.shape != (a.shape[0], P):
         raise ProbeError(f"query_mask must have shape ({a.shape[0]}, {P}), got {qm.shape}")
     for h in range(a.shape[0]):
