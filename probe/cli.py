@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -174,16 +175,18 @@ def analyze(
     world = os.environ.get("WORLD_SIZE", "1").strip()
     torchrun = "RANK" in os.environ and world.isdigit() and int(world) > 1  # as probe.distributed.launched()
     checked = None
+    # every option of the command checked in one call (main: whether this process writes the output)
+    check_options = functools.partial(_checked_options, model=model, out=out, input_size=input_size, mean=mean,
+                                      std=std, num_images=num_images, batch_size=batch_size,
+                                      attribution_images=attribution_images, patch_size=patch_size,
+                                      null_seeds=null_seeds, null_images=null_images, local_radius=local_radius,
+                                      conv_level=conv_level, kernel_size=kernel_size, query=query,
+                                      set_option=set_option)
     try:  # what needs no torch is checked before torch loads: an error line at once
         check_model_spec(model, weights, random_init)
         check_image_path(images)
         if not (distributed or (distributed is None and torchrun)):
-            checked = _checked_options(True, model=model, out=out, input_size=input_size, mean=mean, std=std,
-                                       num_images=num_images, batch_size=batch_size,
-                                       attribution_images=attribution_images, patch_size=patch_size,
-                                       null_seeds=null_seeds, null_images=null_images, local_radius=local_radius,
-                                       conv_level=conv_level, kernel_size=kernel_size, query=query,
-                                       set_option=set_option)
+            checked = check_options(True)
     except ProbeError as e:
         raise _fail(str(e))
     with _loading("loading torch and the model libraries"):
@@ -199,7 +202,7 @@ def analyze(
         raise _fail(str(e))
     main = dist_run is None or dist_run.is_main
     try:
-        return _analyze(dist_run, main, checked, model=model, weights=weights, random_init=random_init, images=images,
+        return _analyze(dist_run, main, checked, check_options, model=model, weights=weights, random_init=random_init, images=images,
                         workers=workers, layers=layers, num_images=num_images, batch_size=batch_size,
                         device=device, amp=amp, seed=seed, out=out, prefix_tokens=prefix_tokens, grid=grid,
                         patch_size=patch_size, input_size=input_size, mean=mean, std=std, fits=fits,
@@ -216,23 +219,19 @@ def analyze(
             shutdown()
 
 
-def _analyze(dist_run, main: bool, checked, *, model, weights, random_init, images, workers, layers, num_images,
+def _analyze(dist_run, main: bool, checked, check_options, *, model, weights, random_init, images, workers, layers, num_images,
              batch_size, device, amp, seed, out, prefix_tokens, grid, patch_size, input_size, mean, std, fits,
              anisotropic, conv_test, null_seeds, null_images, null_layers, local_radius, kernel_size, conv_level,
              attribution, attribution_images, query, analysis, set_option,
              run_analysis) -> None:
     """``probe analyze`` after the distributed set-up: on a rank other than 0 (``main`` false)
     the output folder is not checked, no progress or summary is shown and nothing is written.
-    ``checked``: what :func:`_checked_options` returned before torch loaded (None: check now)."""
+    ``checked``: what :func:`_checked_options` returned before torch loaded (None: check now with
+    ``check_options(main)``, the same call with this command's options)."""
     status = None
     try:
         try:
-            checked = checked or _checked_options(main, model=model, out=out, input_size=input_size, mean=mean, std=std,
-                                       num_images=num_images, batch_size=batch_size,
-                                       attribution_images=attribution_images, patch_size=patch_size,
-                                       null_seeds=null_seeds, null_images=null_images, local_radius=local_radius,
-                                       conv_level=conv_level, kernel_size=kernel_size, query=query,
-                                       set_option=set_option)
+            checked = checked or check_options(main)
         except ProbeError as e:
             if dist_run is not None:
                 dist_run.agree(e)  # the other ranks stop at their agreement before the capture
