@@ -1,6 +1,6 @@
 """The planted one-head oracle of the attribution tests, shared by every family's test: weight
 surgery leaves one head as the only path from attention to the output, so all of its importance
-must land on that head."""
+must land on that head; and the model's output with a head gate installed (:func:`gated_output`)."""
 
 from __future__ import annotations
 
@@ -28,3 +28,13 @@ def assert_all_importance_on(att, keep: tuple[int, int], where, relative: bool =
         others = df.drop(index=keep)[col].abs().max()
         assert planted > 1e-4, (where, col, planted)
         assert others < 1e-6 * (max(1.0, planted) if relative else 1.0), (where, col, others)
+
+
+def gated_output(model: nn.Module, layer, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` with ``gate`` ``(1, heads)`` installed on ``layer`` by its capture rule, removed after."""
+    restore = layer.rule.install_gate(layer.module, gate.shape[1], lambda: gate)
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        restore()

@@ -26,6 +26,7 @@ from probe.capture import AttentionCapture, find_attention_layers, infer_geometr
 from probe.errors import CaptureError
 
 from family_models import capture_with_inputs
+from planted_heads import gated_output
 
 TOL = 1e-5
 QUIET = dict(progress=False, conv_test=False, fits=False, n_bootstrap=0, attribution="none")
@@ -136,13 +137,7 @@ def check_gates(model: nn.Module, layer, x: torch.Tensor, kind: str, attn_of_hea
     off = torch.ones(1, heads)
     off[0, -1] = 0
     for gate, expected, tol in ((torch.ones(1, heads), plain, 0.0), (off, want, 1e-5)):
-        restore = layer.rule.install_gate(layer.module, heads, lambda g=gate: g)
-        try:
-            with torch.no_grad():
-                out = model(x)
-        finally:
-            restore()
-        torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
+        torch.testing.assert_close(gated_output(model, layer, x, gate), expected, atol=tol, rtol=tol)
     assert (plain - want).abs().max() > 1e-3 * plain.abs().max()  # the head matters
     with torch.no_grad():
         torch.testing.assert_close(model(x), plain, atol=0, rtol=0)  # gate removed

@@ -19,6 +19,7 @@ from probe.capture import AttentionCapture, find_attention_layers, infer_geometr
 from probe.errors import CaptureError, ProbeError
 
 from family_models import capture_with_inputs
+from planted_heads import gated_output
 
 TOL = 1e-5
 
@@ -278,13 +279,7 @@ def test_head_gate_equals_zeroed_value_head(family):
     with torch.no_grad():
         want = ablated_model(x)
     for gate, expected in ((torch.ones(1, heads), plain), (torch.tensor([[1.0, 0.0]]), want)):
-        restore = layer.rule.install_gate(layer.module, heads, lambda g=gate: g)
-        try:
-            with torch.no_grad():
-                out = model(x)
-        finally:
-            restore()
-        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gated_output(model, layer, x, gate), expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(plain, want, atol=1e-4)  # the head matters
 
 
