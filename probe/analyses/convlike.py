@@ -185,11 +185,6 @@ class ConvLikeConfig:
         ``"taps"`` or ``"lattice"``); :func:`convlike_test` runs the grid test for it."""
         return self.calibration in LEGACY_CALIBRATIONS
 
-    def window(self, kernel_size: int) -> float:
-        """Half-width (patches, per axis) of the window of the descriptive tap count:
-        ``(K − 1) + 1/2`` — the ``K x K`` kernel at dilation up to 2, plus half a patch."""
-        return default_tap_window(kernel_size)
-
     def __post_init__(self) -> None:
         if self.calibration not in CALIBRATIONS + LEGACY_CALIBRATIONS:
             raise ProbeError(f"calibration must be 'grid', got {self.calibration!r}")
@@ -602,8 +597,12 @@ def in_window(delta, local, kernel_size: int, dilation: int) -> np.ndarray:
         boolean ``(H,)``.
     """
     d, loc = _delta_and_mask(delta, local)
-    w = null_window(kernel_size, dilation)
-    return loc & (np.abs(d).max(1) <= w + 1e-9)
+    return loc & _within(d, null_window(kernel_size, dilation))
+
+
+def _within(centres: np.ndarray, half_width: float) -> np.ndarray:
+    """Centres ``(..., 2)`` inside the square ``[−w, w]²``: boolean ``(...)``."""
+    return np.abs(centres).max(-1) <= half_width + 1e-9
 
 
 def grid_scores(delta, local, kernel_size: int, dilations: Sequence[int] = (1, 2), *,
@@ -1097,8 +1096,7 @@ def convlike_test(
             best_p = {True: np.full(n_rep, np.inf), False: np.full(n_rep, np.inf)}
             best_s = {True: np.zeros(n_rep), False: np.zeros(n_rep)}
             for hk, hd in hyps:
-                w = null_window(hk, hd)
-                inside = msk * (np.abs(cen).max(-1) <= w + 1e-9)
+                inside = msk * _within(cen, null_window(hk, hd))
                 s_d = _scores_from_masks(cen, inside, hk, config.tolerance, hd, min(h, hk * hk))
                 pd_ = _p_value(gt["null_for"]((hk, hd)), s_d)  # the null of the point estimate's heads
                 for elig, keep in ((True, s_d >= config.min_score), (False, np.ones(n_rep, bool))):
